@@ -1,0 +1,173 @@
+"""Checks a config before anything is built or written.
+
+Every problem is reported as one `ConfigError` whose message names the key,
+the offending value and what would be valid, so the CLI can print one line and
+exit non-zero before it touches the workdir.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import os
+from typing import Any, Callable, Iterable
+
+import ml_collections
+
+from skipnet_jax import default_config
+
+OPTIMIZERS = ("sgd", "rmsprop", "adamw")
+SCHEDULES = ("cosine", "exponential", "step", "constant")
+LOSSES = ("bias", "ce")
+DTYPES = ("float32", "bfloat16")
+BIAS_LOSS_MODES = ("local", "global")
+MIN_IMAGE_SIZE = 32
+
+
+class ConfigError(ValueError):
+    """A config value that cannot work; the message is one self-contained line."""
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _flat_items(config: ml_collections.ConfigDict, prefix: str = "") -> Iterable[tuple[str, Any]]:
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, ml_collections.ConfigDict):
+            yield from _flat_items(value, f"{name}.")
+        else:
+            yield name, value
+
+
+def _get(config: ml_collections.ConfigDict, dotted: str) -> Any:
+    value = config
+    for part in dotted.split("."):
+        value = value[part]
+    return value
+
+
+def _check_known_keys(config: ml_collections.ConfigDict) -> None:
+    known = dict(_flat_items(default_config.get_default_config()))
+    for name, _ in _flat_items(config):
+        if name not in known:
+            close = [k for k in known if k.split(".")[-1] == name.split(".")[-1]]
+            hint = f"; did you mean {close[0]}?" if close else ""
+            raise ConfigError(f"config key '{name}' is unknown{hint} (see skipnet_jax/default_config.py)")
+
+
+def _choice(config, key: str, choices: Iterable[str]) -> None:
+    value = _get(config, key)
+    choices = tuple(choices)
+    if value not in choices:
+        raise ConfigError(f"config.{key}={value!r} is not valid; valid choices: {', '.join(choices)}")
+
+
+def _check(config, key: str, predicate: Callable[[Any], bool], requirement: str) -> None:
+    value = _get(config, key)
+    try:
+        ok = predicate(value)
+    except TypeError:
+        ok = False
+    if not ok:
+        raise ConfigError(f"config.{key}={value!r} is not valid; it must be {requirement}")
+
+
+def validate_config(config: ml_collections.ConfigDict, *, device_count: int, model_names: Iterable[str]) -> None:
+    """Raises ConfigError for the first invalid field; returns None when all are valid."""
+    _check_known_keys(config)
+    _choice(config, "model", model_names)
+    _choice(config, "optimizer", OPTIMIZERS)
+    _choice(config, "schedule", SCHEDULES)
+    _choice(config, "loss", LOSSES)
+    _choice(config, "dtype", DTYPES)
+    _choice(config, "bias_loss.mode", BIAS_LOSS_MODES)
+    _check(config, "dataset", lambda v: isinstance(v, str) and v.strip() != "", "a non-empty dataset name")
+    _check(config, "data_dir", lambda v: v is None or (isinstance(v, str) and v != ""), "None or a directory path")
+
+    positive_int = lambda v: _is_int(v) and v > 0  # noqa: E731
+    _check(config, "image_size", lambda v: _is_int(v) and v >= MIN_IMAGE_SIZE, f"an integer >= {MIN_IMAGE_SIZE}")
+    _check(config, "num_classes", lambda v: _is_int(v) and (v == -1 or v > 1), "-1 (from the dataset) or an integer >= 2")
+    for key in ("batch_size", "eval_batch_size"):
+        _check(config, key, positive_int, "a positive integer")
+        _check(
+            config,
+            key,
+            lambda v: v % device_count == 0,
+            f"divisible by the number of devices ({device_count}), the batch is split evenly across them",
+        )
+    _check(config, "num_train_steps", _is_int, "an integer (<= 0 to derive it from num_epochs)")
+    if config.num_train_steps <= 0:
+        _check(config, "num_epochs", lambda v: _is_number(v) and v > 0, "> 0 when num_train_steps <= 0")
+    _check(config, "seed", lambda v: _is_int(v) and 0 <= v < 2**31, "an integer in [0, 2**31)")
+
+    _check(config, "learning_rate", lambda v: _is_number(v) and v > 0, "a positive number")
+    for key in ("momentum", "rmsprop_decay", "adam_b1", "adam_b2", "ema_decay", "dropout_rate", "label_smoothing"):
+        _check(config, key, lambda v: _is_number(v) and 0 <= v < 1, "a number in [0, 1)")
+    for key in ("rmsprop_eps", "adam_eps"):
+        _check(config, key, lambda v: _is_number(v) and v > 0, "a positive number")
+    for key in ("weight_decay", "grad_clip_norm", "warmup_epochs", "lr_end_factor"):
+        _check(config, key, lambda v: _is_number(v) and v >= 0, "a number >= 0")
+    _check(config, "lr_decay_rate", lambda v: _is_number(v) and 0 < v <= 1, "a number in (0, 1]")
+    _check(config, "lr_decay_epochs", lambda v: _is_number(v) and v > 0, "a positive number")
+    _check(config, "lr_step_factor", lambda v: _is_number(v) and 0 < v <= 1, "a number in (0, 1]")
+    _check(
+        config,
+        "lr_step_epochs",
+        lambda v: all(_is_number(e) and e > 0 for e in v) and list(v) == sorted(v),
+        "an increasing sequence of positive epochs",
+    )
+    _check(config, "nesterov", lambda v: isinstance(v, bool), "True or False")
+
+    _check(config, "bias_loss.alpha", lambda v: _is_number(v) and v > 0, "a positive number")
+    # Weights z(v) >= z(0) = 1 - beta must stay positive or samples would be pushed away from their labels.
+    _check(config, "bias_loss.beta", lambda v: _is_number(v) and v < 1, "a number < 1 so every weight exp(alpha*v) - beta stays positive")
+
+    for key in ("log_every_steps", "checkpoint_every_steps", "keep_checkpoints"):
+        _check(config, key, positive_int, "a positive integer")
+    _check(config, "eval_every_steps", lambda v: _is_int(v) and v >= 0, "an integer >= 0 (0: only at the end)")
+    _check(config, "data.prefetch", lambda v: _is_int(v) and v >= 0, "an integer >= 0")
+    _check(config, "data.shuffle_buffer", positive_int, "a positive integer")
+    for key in ("data.augment", "data.cache"):
+        _check(config, key, lambda v: isinstance(v, bool), "True or False")
+    for key in ("data.mean", "data.std"):
+        _check(
+            config,
+            key,
+            lambda v: v is None or (len(v) == 3 and all(_is_number(x) for x in v)),
+            "None or three numbers (one per RGB channel)",
+        )
+    if config.data.std is not None:
+        _check(config, "data.std", lambda v: all(x > 0 for x in v), "three positive numbers")
+
+
+def check_num_classes(config: ml_collections.ConfigDict, dataset_num_classes: int) -> int:
+    """The number of classes to build the model with, or ConfigError on a mismatch."""
+    if config.num_classes == -1:
+        return dataset_num_classes
+    if config.num_classes != dataset_num_classes:
+        raise ConfigError(
+            f"config.num_classes={config.num_classes} does not match dataset {config.dataset!r}, which has "
+            f"{dataset_num_classes} classes; set it to {dataset_num_classes} or -1"
+        )
+    return config.num_classes
+
+
+def check_workdir_writable(workdir: str) -> None:
+    """Fails early, and without creating or changing any file, if workdir cannot be used."""
+    path = os.path.abspath(workdir)
+    probe = path
+    while not os.path.exists(probe):
+        parent = os.path.dirname(probe)
+        if parent == probe:
+            break
+        probe = parent
+    if not os.path.isdir(probe):
+        raise ConfigError(f"--workdir={workdir!r} is not usable: {probe!r} exists and is not a directory")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise ConfigError(f"--workdir={workdir!r} is not writable ({probe!r} denies write access)")

@@ -1,0 +1,76 @@
+"""Every configuration field, its default and what it means.
+
+Config files under `configs/` start from `get_default_config()` and override a
+few fields, so a field is defined (and documented) in exactly one place.
+Config files are trusted Python: loading one runs it.
+"""
+
+import ml_collections
+
+
+def get_default_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+
+    # --- Model -----------------------------------------------------------------
+    c.model = "skipnet_m"  # a name from skipnet_jax.models.list_models()
+    c.num_classes = -1  # -1: take it from the dataset; otherwise must equal the dataset's
+    c.dropout_rate = 0.2  # before the last classifier layer (the paper's 0.2)
+    c.dtype = "float32"  # computation dtype: "float32" | "bfloat16" (params stay float32)
+
+    # --- Data ------------------------------------------------------------------
+    c.dataset = "digits"  # "digits" (bundled, no download) or a TFDS image-classification name
+    c.data_dir = None  # TFDS data_dir; None = TFDS default (~/tensorflow_datasets)
+    c.image_size = 224  # square input resolution in pixels (>= 32)
+    c.batch_size = 128  # GLOBAL training batch over all devices and hosts
+    c.eval_batch_size = 256  # GLOBAL evaluation batch; the last one is padded and masked
+    c.data = ml_collections.ConfigDict()
+    c.data.train_split = "train"
+    c.data.eval_split = "test"
+    c.data.augment = True  # dataset-appropriate light augmentation on the train split
+    c.data.shuffle_buffer = 10_000  # only used by pipelines that stream rather than index
+    c.data.cache = True  # keep decoded examples in memory (small datasets only)
+    c.data.mean = ml_collections.config_dict.placeholder(tuple)  # None: dataset default
+    c.data.std = ml_collections.config_dict.placeholder(tuple)  # None: dataset default
+    c.data.prefetch = 2  # batches prepared ahead of the accelerator
+
+    # --- Length of training ----------------------------------------------------
+    c.num_epochs = 30.0  # used when num_train_steps <= 0
+    c.num_train_steps = -1  # > 0 overrides num_epochs
+    c.seed = 0  # parameter init, data order, augmentation and dropout all derive from it
+
+    # --- Optimisation ----------------------------------------------------------
+    c.optimizer = "sgd"  # "sgd" (momentum) | "rmsprop" (TF-style) | "adamw"
+    c.learning_rate = 0.1  # peak learning rate for the global batch_size
+    c.momentum = 0.9  # sgd and rmsprop momentum
+    c.nesterov = False  # sgd only
+    c.rmsprop_decay = 0.9  # rmsprop second-moment decay
+    c.rmsprop_eps = 1e-3  # rmsprop epsilon, inside the square root as in TensorFlow
+    c.adam_b1 = 0.9
+    c.adam_b2 = 0.999
+    c.adam_eps = 1e-8
+    c.weight_decay = 4e-5  # on conv/dense kernels only, never on BatchNorm or biases
+    c.grad_clip_norm = 0.0  # global-norm clipping; 0 disables
+    c.label_smoothing = 0.0
+    c.ema_decay = 0.0  # EMA of weights (and BN statistics); eval uses it when > 0
+
+    c.schedule = "cosine"  # "cosine" | "exponential" | "step" | "constant" (after warmup)
+    c.warmup_epochs = 0.0  # linear warmup from 0 to learning_rate
+    c.lr_decay_rate = 0.97  # exponential: factor applied every lr_decay_epochs
+    c.lr_decay_epochs = 2.4  # exponential: the period of one decay
+    c.lr_step_epochs = (80, 122)  # step: epochs at which the lr is multiplied by lr_step_factor
+    c.lr_step_factor = 0.1
+    c.lr_end_factor = 0.0  # cosine: final lr as a fraction of the peak
+
+    # --- Loss ------------------------------------------------------------------
+    c.loss = "bias"  # "bias" (the paper's bias loss) | "ce" (plain cross-entropy)
+    c.bias_loss = ml_collections.ConfigDict()
+    c.bias_loss.alpha = 0.3  # z(v) = exp(alpha * v) - beta
+    c.bias_loss.beta = 0.3
+    c.bias_loss.mode = "local"  # "local" (batch min-max) | "global" (release: running minimum)
+
+    # --- Loop ------------------------------------------------------------------
+    c.log_every_steps = 50  # console line and TensorBoard scalars
+    c.eval_every_steps = 0  # 0: evaluate only at the end
+    c.checkpoint_every_steps = 500  # also saved at the end of training
+    c.keep_checkpoints = 3  # how many recent checkpoints orbax keeps
+    return c

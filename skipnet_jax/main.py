@@ -1,0 +1,43 @@
+"""Command line: `python -m skipnet_jax.main --config configs/digits.py --workdir DIR`.
+
+Only parses flags, validates the config and calls `train_and_evaluate`.
+Configuration mistakes end with one line on stderr naming the key and the
+valid choices, exit code 2, and nothing written to the workdir.
+"""
+
+import sys
+
+import jax
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from skipnet_jax import config_validation, models, train
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("workdir", None, "Directory for checkpoints, TensorBoard logs and results.json.")
+config_flags.DEFINE_config_file("config", None, "Path to a config file, e.g. configs/digits.py.", lock_config=True)
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def _fail(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def main(argv):
+    if len(argv) > 1:
+        _fail(f"unexpected arguments {argv[1:]}; settings are passed as --config.KEY=VALUE")
+    config = FLAGS.config
+    try:
+        config_validation.validate_config(config, device_count=jax.device_count(), model_names=models.list_models())
+        config_validation.check_workdir_writable(FLAGS.workdir)
+        train.train_and_evaluate(config, FLAGS.workdir)
+    except config_validation.ConfigError as e:
+        _fail(str(e))
+    except train.NonFiniteLossError as e:
+        logging.error("%s", e)
+        _fail(str(e))
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,99 @@
+"""Console progress, TensorBoard scalars and results.json (the loop's only outputs)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+
+from absl import logging
+from flax.metrics import tensorboard
+
+
+def _format_duration(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    minutes, secs = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m{secs:02d}s" if hours else f"{minutes}m{secs:02d}s"
+
+
+class ProgressReporter:
+    """Averages per-step metrics over a logging window and reports them.
+
+    Throughput is measured from the end of the first recorded step, so it
+    excludes compilation.
+    """
+
+    def __init__(self, workdir: str | None, num_train_steps: int, batch_size: int, log_every_steps: int):
+        self._writer = tensorboard.SummaryWriter(os.path.join(workdir, "tensorboard")) if workdir else None
+        self._num_train_steps = num_train_steps
+        self._batch_size = batch_size
+        self._log_every = log_every_steps
+        self._window: list[dict[str, float]] = []
+        self._first_step: int | None = None
+        self._first_time = 0.0
+        self._last_step = 0
+        self._last_time = 0.0
+        self._window_start: tuple[int, float] | None = None
+
+    def record(self, step: int, metrics: dict[str, float]) -> None:
+        """Metrics of the step that brought the count of completed steps to `step`."""
+        now = time.perf_counter()
+        if self._first_step is None:
+            self._first_step, self._first_time = step, now
+            self._window_start = (step, now)
+        self._last_step, self._last_time = step, now
+        self._window.append(metrics)
+        if step % self._log_every == 0 or step == self._num_train_steps:
+            self._flush(step, now)
+
+    def _flush(self, step: int, now: float) -> None:
+        averages = {k: sum(m[k] for m in self._window) / len(self._window) for k in self._window[-1]}
+        start_step, start_time = self._window_start
+        rate = (step - start_step) * self._batch_size / (now - start_time) if step > start_step else float("nan")
+        eta = (self._num_train_steps - step) * self._batch_size / rate if rate > 0 else float("nan")
+        logging.info(
+            "step %d/%d  loss %.4f  acc %.3f  lr %.4g  %.1f img/s  ETA %s",
+            step, self._num_train_steps, averages["loss"], averages["accuracy"],
+            averages["learning_rate"], rate, _format_duration(eta),
+        )  # fmt: skip
+        if self._writer:
+            for key, value in averages.items():
+                self._writer.scalar(f"train/{key}", value, step)
+            if math.isfinite(rate):
+                self._writer.scalar("train/examples_per_sec", rate, step)
+            self._writer.flush()
+        self._window = []
+        self._window_start = (step, now)
+
+    def write_eval(self, step: int, metrics: dict[str, float]) -> None:
+        logging.info(
+            "eval at step %d: top-1 %.4f  top-5 %.4f  loss %.4f  (%d examples)",
+            step, metrics["eval_top1"], metrics["eval_top5"], metrics["eval_loss"], metrics["eval_examples"],
+        )  # fmt: skip
+        if self._writer:
+            for key in ("eval_top1", "eval_top5", "eval_loss"):
+                self._writer.scalar(f"eval/{key[5:]}", metrics[key], step)
+            self._writer.flush()
+
+    def examples_per_sec(self) -> float:
+        """Training throughput after the first (compiling) step; NaN if too few steps ran."""
+        if self._first_step is None or self._last_step <= self._first_step:
+            return float("nan")
+        return (self._last_step - self._first_step) * self._batch_size / (self._last_time - self._first_time)
+
+    def close(self) -> None:
+        if self._writer:
+            self._writer.close()
+
+
+def write_results(workdir: str, results: dict) -> None:
+    """Writes WORKDIR/results.json atomically (write to a temporary file, then rename)."""
+    path = os.path.join(workdir, "results.json")
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(results, f, indent=2, sort_keys=True)
+        f.write("\n")
+    os.replace(tmp, path)

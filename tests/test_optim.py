@@ -1,0 +1,83 @@
+"""Schedules and optimisers built from the config."""
+
+import math
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from skipnet_jax import optim
+from skipnet_jax.default_config import get_default_config
+
+
+def _config(**overrides):
+    config = get_default_config()
+    config.update(overrides)
+    return config
+
+
+def test_steps_derived_from_epochs_or_given():
+    assert optim.steps_for(_config(batch_size=64, num_epochs=2.0), 1437) == (23, 46)
+    assert optim.steps_for(_config(batch_size=64, num_train_steps=7), 1437) == (23, 7)
+
+
+def test_warmup_then_cosine():
+    fn = optim.create_learning_rate_fn(_config(learning_rate=1.0, warmup_epochs=1.0, schedule="cosine"), 10, 110)
+    assert float(fn(0)) == 0.0
+    chex.assert_trees_all_close(fn(5), 0.5, atol=1e-6)
+    chex.assert_trees_all_close(fn(10), 1.0, atol=1e-6)
+    chex.assert_trees_all_close(fn(60), 0.5, atol=1e-6)  # half way through the 100 decay steps
+    chex.assert_trees_all_close(fn(110), 0.0, atol=1e-6)
+
+
+def test_exponential_staircase():
+    fn = optim.create_learning_rate_fn(
+        _config(learning_rate=0.1, schedule="exponential", lr_decay_rate=0.5, lr_decay_epochs=2.0), 10, 100
+    )
+    chex.assert_trees_all_close([fn(0), fn(19), fn(20), fn(45)], [0.1, 0.1, 0.05, 0.025], atol=1e-7)
+
+
+def test_step_schedule_at_epochs():
+    fn = optim.create_learning_rate_fn(
+        _config(learning_rate=0.1, schedule="step", lr_step_epochs=(2, 4), lr_step_factor=0.1), 10, 60
+    )
+    chex.assert_trees_all_close([fn(19), fn(20), fn(39), fn(40)], [0.1, 0.01, 0.01, 0.001], rtol=1e-5)
+
+
+def test_weight_decay_mask_skips_batchnorm_and_biases():
+    params = {
+        "conv": {"kernel": jnp.ones((3, 3, 4, 8))},
+        "bn": {"scale": jnp.ones(8), "bias": jnp.ones(8)},
+        "dense": {"kernel": jnp.ones((8, 2)), "bias": jnp.ones(2)},
+    }
+    mask = optim.weight_decay_mask(params)
+    assert mask == {
+        "conv": {"kernel": True},
+        "bn": {"scale": False, "bias": False},
+        "dense": {"kernel": True, "bias": False},
+    }
+
+
+@pytest.mark.parametrize("name", ["sgd", "rmsprop", "adamw"])
+def test_weight_decay_touches_only_kernels(name):
+    params = {"dense": {"kernel": jnp.ones((2, 2)), "bias": jnp.ones(2)}}
+    zero_grads = jax.tree.map(jnp.zeros_like, params)
+    tx = optim.create_optimizer(_config(optimizer=name, weight_decay=0.1), lambda step: 1.0)
+    updates, _ = tx.update(zero_grads, tx.init(params), params)
+    assert float(jnp.abs(updates["dense"]["kernel"]).sum()) > 0
+    assert float(jnp.abs(updates["dense"]["bias"]).sum()) == 0
+
+
+def test_rmsprop_is_tensorflow_style():
+    # TF RMSProp: ms starts at 1, ms = 0.9 * 1 + 0.1 * g^2, step = lr * g / sqrt(ms + eps).
+    g, lr, eps = 2.0, 0.01, 1e-3
+    tx = optim.create_optimizer(
+        _config(optimizer="rmsprop", momentum=0.0, rmsprop_decay=0.9, rmsprop_eps=eps, weight_decay=0.0),
+        lambda step: lr,
+    )
+    params = jnp.zeros(1)
+    updates, _ = tx.update(jnp.full(1, g), tx.init(params), params)
+    expected = -lr * g / math.sqrt(0.9 + 0.1 * g * g + eps)
+    np.testing.assert_allclose(np.asarray(updates), [expected], rtol=1e-6)
