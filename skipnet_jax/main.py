@@ -5,13 +5,18 @@ Configuration mistakes end with one line on stderr naming the key and the
 valid choices, exit code 2, and nothing written to the workdir.
 """
 
+import logging as logging_lib
+import os
 import sys
 
-import jax
-from absl import app, flags, logging
-from ml_collections import config_flags
+# TensorFlow (used only for tf.data) prints C++ start-up notices unless told not to.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from skipnet_jax import config_validation, models, train
+import jax  # noqa: E402
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from skipnet_jax import config_validation, models, train  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, TensorBoard logs and results.json.")
@@ -24,9 +29,19 @@ def _fail(message: str) -> None:
     sys.exit(2)
 
 
+def _quiet_libraries() -> None:
+    """Keeps the console to our progress lines: other libraries' INFO chatter (orbax logs
+    every checkpoint file operation) is dropped; their warnings and errors still show."""
+    package_dir = os.path.dirname(os.path.abspath(__file__))
+    logging.get_absl_handler().addFilter(
+        lambda record: record.levelno >= logging_lib.WARNING or record.pathname.startswith(package_dir)
+    )
+
+
 def main(argv):
     if len(argv) > 1:
         _fail(f"unexpected arguments {argv[1:]}; settings are passed as --config.KEY=VALUE")
+    _quiet_libraries()
     config = FLAGS.config
     try:
         config_validation.validate_config(config, device_count=jax.device_count(), model_names=models.list_models())

@@ -278,7 +278,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         "resumed_from_step": start_step,
         "examples_per_sec": reporter.examples_per_sec(),
         "wall_seconds": time.time() - wall_start,
-        "params_global_norm": float(optax.global_norm(state.params)),
+        "params_global_norm": float(jax.jit(optax.global_norm)(state.params)),
         "num_params": int(num_params),
         "model": config.model,
         "dataset": info.name,

@@ -1,0 +1,1 @@
+"""Independent PyTorch reference implementations (SkipNet model, bias loss) used to cross-check the JAX/Flax code."""
