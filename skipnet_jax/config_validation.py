@@ -61,6 +61,18 @@ def _check_known_keys(config: ml_collections.ConfigDict) -> None:
             raise ConfigError(f"config key '{name}' is unknown{hint} (see skipnet_jax/default_config.py)")
 
 
+def describe_unknown_override(argv: Iterable[str]) -> str | None:
+    """The message for the first `--config.KEY=VALUE` argument whose KEY no config defines."""
+    known = {name for name, _ in _flat_items(default_config.get_default_config())}
+    prefixes = {name.rsplit(".", 1)[0] for name in known if "." in name}
+    for arg in argv:
+        if arg.startswith("--config."):
+            key = arg[len("--config.") :].split("=", 1)[0]
+            if key not in known and key not in prefixes:
+                return f"config key '{key}' (from {arg}) is unknown; see skipnet_jax/default_config.py"
+    return None
+
+
 def _choice(config, key: str, choices: Iterable[str]) -> None:
     value = _get(config, key)
     choices = tuple(choices)

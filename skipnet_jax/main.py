@@ -29,6 +29,18 @@ def _fail(message: str) -> None:
     sys.exit(2)
 
 
+def _parse_flags(argv: list[str]) -> list[str]:
+    """absl's parser, with every bad flag or override reported as one line (no traceback)."""
+    try:
+        return FLAGS(argv)
+    except flags.Error as e:
+        _fail(str(e))
+    except (AttributeError, KeyError) as e:  # --config.KEY=... with an unknown KEY
+        _fail(config_validation.describe_unknown_override(argv) or f"invalid --config override: {e}")
+    except (TypeError, ValueError) as e:
+        _fail(f"invalid --config override: {e}")
+
+
 def _quiet_libraries() -> None:
     """Keeps the console to our progress lines: other libraries' INFO chatter (orbax logs
     every checkpoint file operation) is dropped; their warnings and errors still show."""
@@ -42,12 +54,17 @@ def main(argv):
     if len(argv) > 1:
         _fail(f"unexpected arguments {argv[1:]}; settings are passed as --config.KEY=VALUE")
     _quiet_libraries()
-    config = FLAGS.config
     try:
+        config = FLAGS.config
         config_validation.validate_config(config, device_count=jax.device_count(), model_names=models.list_models())
         config_validation.check_workdir_writable(FLAGS.workdir)
-        train.train_and_evaluate(config, FLAGS.workdir)
+    except OSError as e:  # the config file is missing or failed to load (config_flags defers that error)
+        _fail("--config: " + " ".join(line.strip() for line in str(e).splitlines() if line.strip()))
     except config_validation.ConfigError as e:
+        _fail(str(e))
+    try:
+        train.train_and_evaluate(config, FLAGS.workdir)
+    except config_validation.ConfigError as e:  # found once the dataset is opened
         _fail(str(e))
     except train.NonFiniteLossError as e:
         logging.error("%s", e)
@@ -55,4 +72,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=_parse_flags)

@@ -2,7 +2,7 @@
 
 Skipped entirely when torch is not installed.  The checkpoint-layout test needs
 ``skipnet_m_torch_state_dict.json`` (from the shared reference folder); it is looked up in
-$SKIPNET_REFERENCE_DIR, <repo>/shared/reference and /work/shared/reference and skipped if
+$SKIPNET_REFERENCE_DIR, tests/fixtures (a copy of the spec) and ../shared/reference and skipped if
 absent.  Timings run only with SKIPNET_TORCH_TIMING=1 (printed, never asserted).
 """
 
@@ -40,7 +40,7 @@ def _find_layout_json():
     candidates = []
     if os.environ.get("SKIPNET_REFERENCE_DIR"):
         candidates.append(Path(os.environ["SKIPNET_REFERENCE_DIR"]) / JSON_NAME)
-    candidates += [REPO_ROOT / "shared" / "reference" / JSON_NAME, Path("/work/shared/reference") / JSON_NAME]
+    candidates += [Path(__file__).parent / "fixtures" / JSON_NAME, REPO_ROOT.parent / "shared" / "reference" / JSON_NAME]
     for c in candidates:
         if c.is_file():
             return c

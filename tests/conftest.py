@@ -1,0 +1,40 @@
+"""Shared fixtures: a TFDS data_dir with the bundled digits prepared once per test session."""
+
+import os
+
+import pytest
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="session")
+def digits_data_dir(tmp_path_factory):
+    from skipnet_jax.data import pipeline
+    from skipnet_jax.default_config import get_default_config
+
+    path = str(tmp_path_factory.mktemp("tfds_digits"))
+    config = get_default_config()
+    config.data_dir = path
+    pipeline.get_dataset_info(config)  # builds the TFDS dataset (no download)
+    return path
+
+
+def tiny_digits_config(data_dir: str, **overrides):
+    """A few-step digits config small enough for unit tests (skipnet_xs at 32 px)."""
+    from skipnet_jax.default_config import get_default_config
+
+    config = get_default_config()
+    config.model = "skipnet_xs"
+    config.data_dir = data_dir
+    config.image_size = 32
+    config.batch_size = 32
+    config.eval_batch_size = 100  # 360 test examples: the last batch is padded and masked
+    config.num_train_steps = 6
+    config.optimizer = "adamw"
+    config.learning_rate = 1e-3
+    config.log_every_steps = 2
+    config.checkpoint_every_steps = 4
+    config.update(overrides)
+    return config

@@ -1,0 +1,112 @@
+"""End-to-end training on the bundled digits: results, checkpoints, exact resume, options."""
+
+import json
+import os
+import shutil
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import tiny_digits_config
+
+from skipnet_jax import optim, train
+
+RESULT_KEYS = {
+    "eval_top1", "eval_top5", "eval_loss", "train_loss", "steps", "examples_per_sec",
+    "wall_seconds", "params_global_norm", "eval_examples",
+}  # fmt: skip
+
+
+def _read_results(workdir):
+    with open(os.path.join(workdir, "results.json")) as f:
+        return json.load(f)
+
+
+def test_train_evaluate_and_resume_exactly(digits_data_dir, tmp_path):
+    config = tiny_digits_config(digits_data_dir, num_train_steps=8)
+    workdir = str(tmp_path / "run")
+    results = train.train_and_evaluate(config, workdir)
+
+    assert RESULT_KEYS <= set(results)
+    assert results == _read_results(workdir)
+    assert results["steps"] == 8 and results["eval_examples"] == 360  # every test example, none dropped
+    assert 0.0 <= results["eval_top1"] <= results["eval_top5"] <= 1.0
+    assert np.isfinite([results["train_loss"], results["eval_loss"], results["params_global_norm"]]).all()
+    assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["4", "8"]
+    assert os.listdir(os.path.join(workdir, "tensorboard"))
+
+    # A run restarted from the step-4 checkpoint must end exactly where the uninterrupted one did:
+    # same data order, same dropout masks, same optimiser state.
+    resumed = str(tmp_path / "resumed")
+    shutil.copytree(workdir, resumed)
+    shutil.rmtree(os.path.join(resumed, "checkpoints", "8"))
+    os.remove(os.path.join(resumed, "results.json"))
+    again = train.train_and_evaluate(config, resumed)
+    assert again["resumed_from_step"] == 4
+    for key in ("eval_top1", "eval_top5", "eval_loss", "train_loss", "params_global_norm"):
+        assert again[key] == results[key], key
+
+
+def test_finished_run_is_not_retrained(digits_data_dir, tmp_path):
+    config = tiny_digits_config(digits_data_dir, num_train_steps=2, checkpoint_every_steps=2)
+    first = train.train_and_evaluate(config, str(tmp_path))
+    second = train.train_and_evaluate(config, str(tmp_path))
+    assert second["resumed_from_step"] == 2 and second["steps"] == 2
+    assert second["params_global_norm"] == first["params_global_norm"]
+
+
+def test_cross_entropy_ema_bf16_rmsprop(digits_data_dir, tmp_path):
+    config = tiny_digits_config(
+        digits_data_dir,
+        num_train_steps=3,
+        loss="ce",
+        ema_decay=0.99,
+        dtype="bfloat16",
+        optimizer="rmsprop",
+        learning_rate=0.01,
+        schedule="exponential",
+        warmup_epochs=0.1,
+        label_smoothing=0.1,
+        grad_clip_norm=1.0,
+    )
+    results = train.train_and_evaluate(config, str(tmp_path))
+    assert results["steps"] == 3 and results["loss"] == "ce"
+    assert np.isfinite(results["eval_loss"])
+
+
+@pytest.fixture(scope="module")
+def step_setup():
+    config = tiny_digits_config("/nonexistent", bias_loss={"alpha": 0.3, "beta": 0.3, "mode": "global"})
+    model = train.create_model(config, num_classes=10)
+    tx = optim.create_optimizer(config, lambda step: 1e-3)
+    state = train.create_train_state(config, model, tx)
+    step = jax.jit(lambda s, b: train.train_step(s, b, model=model, tx=tx, learning_rate_fn=lambda _: 1e-3, config=config))
+    rng = np.random.default_rng(0)
+    batch = {
+        "image": jnp.asarray(rng.normal(size=(8, 32, 32, 3)), jnp.float32),
+        "label": jnp.asarray(rng.integers(0, 10, size=8), jnp.int32),
+    }
+    return state, step, batch
+
+
+def test_train_step_reports_bias_statistics(step_setup):
+    state, step, batch = step_setup
+    new_state, metrics = step(state, batch)
+    assert int(new_state.step) == 1 and bool(metrics["finite"])
+    assert 0.7 - 1e-6 <= float(metrics["bias_weight_min"]) <= float(metrics["bias_weight_mean"]) <= 1.05
+    assert float(metrics["variance_min"]) <= float(metrics["variance_mean"]) <= float(metrics["variance_max"])
+    # "global" mode carries the running minimum of the variance in the state.
+    chex.assert_trees_all_close(new_state.loss_state["running_min"], metrics["variance_min"])
+
+
+def test_non_finite_step_keeps_the_state(step_setup):
+    state, step, batch = step_setup
+    bad = dict(batch, image=batch["image"].at[0, 0, 0, 0].set(jnp.nan))
+    new_state, metrics = step(state, bad)
+    assert not bool(metrics["finite"])
+    chex.assert_trees_all_equal(new_state.params, state.params)
+    assert int(new_state.step) == 0
+    with pytest.raises(train.NonFiniteLossError, match="at step 5"):
+        train._check_finite(jax.device_get(metrics), 5)
