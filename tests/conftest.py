@@ -8,6 +8,10 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
+# Many tests compile the same train/eval steps (in-process and in CLI subprocesses, which
+# inherit the environment); JAX's persistent compilation cache lets them compile once.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(REPO_ROOT, ".pytest_cache", "jax_compilation_cache"))
+
 
 @pytest.fixture(scope="session")
 def digits_data_dir(tmp_path_factory):
