@@ -79,3 +79,5 @@ def create_model(name: str, *, num_classes: int, **overrides: Any) -> nn.Module:
 # Importing the model modules registers them (keep at the bottom: they import
 # `register_model` from this package).
 from skipnet_jax.models import skipnet as _skipnet  # noqa: E402,F401
+from skipnet_jax.models import mobilenet_v3 as _mobilenet_v3  # noqa: E402,F401
+from skipnet_jax.models import cifar as _cifar  # noqa: E402,F401
