@@ -116,6 +116,8 @@ def validate_config(config: ml_collections.ConfigDict, *, device_count: int, mod
     _check(config, "num_train_steps", _is_int, "an integer (<= 0 to derive it from num_epochs)")
     if config.num_train_steps <= 0:
         _check(config, "num_epochs", lambda v: _is_number(v) and v > 0, "> 0 when num_train_steps <= 0")
+    if config.num_train_steps <= 0 and config.warmup_epochs > 0:
+        _check(config, "warmup_epochs", lambda v: v < config.num_epochs, f"shorter than num_epochs ({config.num_epochs})")
     _check(config, "seed", lambda v: _is_int(v) and 0 <= v < 2**31, "an integer in [0, 2**31)")
 
     _check(config, "learning_rate", lambda v: _is_number(v) and v > 0, "a positive number")
@@ -145,6 +147,8 @@ def validate_config(config: ml_collections.ConfigDict, *, device_count: int, mod
     _check(config, "eval_every_steps", lambda v: _is_int(v) and v >= 0, "an integer >= 0 (0: only at the end)")
     _check(config, "data.prefetch", lambda v: _is_int(v) and v >= 0, "an integer >= 0")
     _check(config, "data.shuffle_buffer", positive_int, "a positive integer")
+    _check(config, "skip_nonfinite_steps", lambda v: isinstance(v, bool), "True or False")
+    _check(config, "init_from", lambda v: v is None or (isinstance(v, str) and os.path.isdir(v)), "None or an existing directory written by skipnet_jax.convert")
     for key in ("data.augment", "data.cache"):
         _check(config, key, lambda v: isinstance(v, bool), "True or False")
     for key in ("data.mean", "data.std"):

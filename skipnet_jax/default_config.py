@@ -28,10 +28,22 @@ def get_default_config() -> ml_collections.ConfigDict:
     c.data.eval_split = "test"
     c.data.augment = True  # dataset-appropriate light augmentation on the train split
     c.data.shuffle_buffer = 10_000  # only used by pipelines that stream rather than index
-    c.data.cache = True  # keep decoded examples in memory (small datasets only)
+    # keep decoded examples in memory (small fixed-shape datasets only); ignored (always read
+    # lazily) for image folders and variable-size datasets such as imagenet2012
+    c.data.cache = True
     c.data.mean = ml_collections.config_dict.placeholder(tuple)  # None: dataset default
     c.data.std = ml_collections.config_dict.placeholder(tuple)  # None: dataset default
     c.data.prefetch = 2  # batches prepared ahead of the accelerator
+    # imagenet2012: directory holding ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar, used
+    # to prepare it on first use; None = TFDS's default <data_dir>/downloads/manual
+    c.data.manual_dir = ml_collections.config_dict.placeholder(str)
+    # "auto" | "inception" | "simple". inception: train = random-resized crop (decoded from the
+    # JPEG) + flip, eval = shorter side to ceil(image_size/0.875) + centre crop. simple: resize
+    # to a square + pad-and-crop shift (+ flip). auto = inception for image folders, imagenet2012
+    # and datasets with variable-size or > 64 px images, else simple
+    c.data.preprocessing = "auto"
+    c.data.randaugment_num_layers = 0  # RandAugment ops per train image; 0 disables it
+    c.data.randaugment_magnitude = 9.0  # RandAugment magnitude on the [0, 10] scale
 
     # --- Length of training ----------------------------------------------------
     c.num_epochs = 30.0  # used when num_train_steps <= 0
@@ -71,6 +83,10 @@ def get_default_config() -> ml_collections.ConfigDict:
     # --- Loop ------------------------------------------------------------------
     c.log_every_steps = 50  # console line and TensorBoard scalars
     c.eval_every_steps = 0  # 0: evaluate only at the end
-    c.checkpoint_every_steps = 500  # also saved at the end of training
+    c.checkpoint_every_steps = 500  # also saved at the end of training and on SIGTERM
+    c.skip_nonfinite_steps = False  # False: a NaN/Inf loss or gradient stops training (exit != 0)
+    # Directory written by `python -m skipnet_jax.convert` (e.g. the released SkipNet-M weights)
+    # to start from when the workdir has no checkpoint yet; None = random initialisation.
+    c.init_from = ml_collections.config_dict.placeholder(str)
     c.keep_checkpoints = 3  # how many recent checkpoints orbax keeps
     return c

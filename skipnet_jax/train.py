@@ -10,6 +10,8 @@ from __future__ import annotations
 import functools
 import json
 import os
+import signal
+import threading
 import time
 from typing import Any
 
@@ -82,8 +84,9 @@ def _ema_update(ema, new, decay):
 def train_step(state: TrainState, batch, *, model, tx, learning_rate_fn, config) -> tuple[TrainState, dict]:
     """One optimisation step on a (global) batch; returns the new state and scalar metrics.
 
-    A step whose loss or gradient is not finite leaves the state unchanged and
-    reports `finite = False`, so the loop can stop with the last good state.
+    A step whose loss or gradient is not finite leaves everything but the step
+    counter unchanged and reports `finite = False`, so the loop can stop with
+    the last good weights (or skip the batch, if configured to).
     """
     dropout_rng = jax.random.fold_in(jax.random.fold_in(jax.random.key(config.seed), _DROPOUT_STREAM), state.step)
     labels = batch["label"]
@@ -133,6 +136,7 @@ def train_step(state: TrainState, batch, *, model, tx, learning_rate_fn, config)
         )
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state)
+    new_state = new_state.replace(step=state.step + 1)  # the data position advances either way
 
     metrics = {
         "loss": loss,
@@ -214,12 +218,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     mesh = sharding.create_mesh()
     replicated, data_sharding = sharding.replicated(mesh), sharding.batch_sharded(mesh)
 
-    state = jax.jit(functools.partial(create_train_state, config, model, tx), out_shardings=replicated)()
+    init_fn = functools.partial(create_train_state, config, model, tx)
     manager = checkpointing.create_manager(workdir, keep=config.keep_checkpoints)
-    restored = checkpointing.restore_latest(manager, state)
+    try:  # shapes only: a resumed run never pays for compiling the initialisation
+        abstract_state = jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), jax.eval_shape(init_fn)
+        )
+        restored = checkpointing.restore_latest(manager, abstract_state)
+    except checkpointing.CheckpointMismatchError as e:
+        raise ConfigError(str(e)) from e
     if restored is not None:
         state = jax.device_put(restored, replicated)
         logging.info("Resumed from %s at step %d", checkpointing.checkpoint_dir(workdir), int(state.step))
+    else:
+        state = jax.jit(init_fn, out_shardings=replicated)()
+        if config.init_from:
+            state = jax.device_put(_initialize_from(state, config.init_from), replicated)
+            logging.info("Initialised weights from %s", config.init_from)
     start_step = int(state.step)
     num_params = sum(x.size for x in jax.tree.leaves(state.params))
     logging.info(
@@ -248,25 +263,44 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     )
     pending = None  # metrics of the previous step, checked while the current one runs
     last_metrics: dict[str, float] = {}
-    for step in range(start_step, num_train_steps):
-        batch = sharding.to_global_batch(next(train_iterator), data_sharding)
-        state, metrics = jitted_train_step(state, batch)
+    skipped: list[int] = []
+
+    def finish(step_metrics, completed: int) -> None:
+        nonlocal last_metrics
+        metrics = jax.device_get(step_metrics)
+        if not bool(metrics["finite"]):
+            message = _non_finite_message(metrics, completed - 1)
+            if not config.skip_nonfinite_steps:
+                manager.wait_until_finished()  # the last good checkpoint is complete before we stop
+                raise NonFiniteLossError(message)
+            logging.warning("%s; skipped that batch (skip_nonfinite_steps=True)", message)
+            skipped.append(completed - 1)
+            return
+        last_metrics = {k: float(np.asarray(v)) for k, v in metrics.items() if k != "finite"}
+        reporter.record(completed, last_metrics)
+
+    with PreemptionWatcher() as preemption:
+        for step in range(start_step, num_train_steps):
+            batch = sharding.to_global_batch(next(train_iterator), data_sharding)
+            state, metrics = jitted_train_step(state, batch)
+            if pending is not None:
+                finish(pending, step)
+            pending = metrics
+            completed = step + 1
+            preempted = preemption.requested(manager, completed)
+            if preempted or completed % config.checkpoint_every_steps == 0 or completed == num_train_steps:
+                finish(pending, completed)
+                pending = None
+                checkpointing.save(manager, completed, state)
+            if preempted:
+                manager.wait_until_finished()
+                logging.warning("Preempted: checkpoint at step %d is saved; rerun the same command to resume.", completed)
+                raise Preempted(completed)
+            if config.eval_every_steps and completed % config.eval_every_steps == 0 and completed != num_train_steps:
+                reporter.write_eval(completed, evaluate(jitted_eval_step, state, config, data_sharding))
         if pending is not None:
-            last_metrics = _check_finite(jax.device_get(pending), step - 1)
-            reporter.record(step, last_metrics)
-        pending = metrics
-        completed = step + 1
-        if completed % config.checkpoint_every_steps == 0 or completed == num_train_steps:
-            last_metrics = _check_finite(jax.device_get(pending), step)
-            reporter.record(completed, last_metrics)
-            pending = None
-            checkpointing.save(manager, completed, state)
-        if config.eval_every_steps and completed % config.eval_every_steps == 0 and completed != num_train_steps:
-            reporter.write_eval(completed, evaluate(jitted_eval_step, state, config, data_sharding))
-    if pending is not None:
-        last_metrics = _check_finite(jax.device_get(pending), num_train_steps - 1)
-        reporter.record(num_train_steps, last_metrics)
-    manager.wait_until_finished()
+            finish(pending, num_train_steps)
+        manager.wait_until_finished()
 
     eval_metrics = evaluate(jitted_eval_step, state, config, data_sharding)
     reporter.write_eval(num_train_steps, eval_metrics)
@@ -276,6 +310,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         "train_accuracy": last_metrics.get("accuracy", float("nan")),
         "steps": int(state.step),
         "resumed_from_step": start_step,
+        "skipped_nonfinite_steps": skipped,
         "examples_per_sec": reporter.examples_per_sec(),
         "wall_seconds": time.time() - wall_start,
         "params_global_norm": float(jax.jit(optax.global_norm)(state.params)),
@@ -294,11 +329,75 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     return results
 
 
-def _check_finite(metrics: dict, step: int) -> dict[str, float]:
-    """Host-side scalars of a finished step; raises (stopping training) on a non-finite step."""
-    if not bool(metrics["finite"]):
-        raise NonFiniteLossError(
-            f"non-finite loss or gradient at step {step} (loss={float(metrics['loss'])}, "
-            f"grad_norm={float(metrics['grad_norm'])}); the state was not updated and the last checkpoint is kept"
+def _non_finite_message(metrics: dict, step: int) -> str:
+    return (
+        f"non-finite loss or gradient at step {step} (loss={float(metrics['loss'])}, "
+        f"grad_norm={float(metrics['grad_norm'])}); the weights were not updated and the last checkpoint is kept"
+    )
+
+
+def _initialize_from(state: TrainState, directory: str) -> TrainState:
+    """Weights (and BN statistics) from a converted checkpoint (`python -m skipnet_jax.convert`)."""
+    from skipnet_jax import convert  # noqa: PLC0415 - only needed for init_from
+
+    try:
+        variables, meta = convert.load_variables(directory)
+    except convert.ConversionError as e:
+        raise ConfigError(f"config.init_from={directory!r}: {e}") from e
+    wanted = {"params": state.params, "batch_stats": state.batch_stats}
+    got = {k: variables.get(k, {}) for k in wanted}
+    if jax.tree.structure(got) != jax.tree.structure(wanted) or any(
+        a.shape != b.shape for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(wanted))
+    ):
+        raise ConfigError(
+            f"config.init_from={directory!r} holds {meta.get('model')} with {meta.get('num_classes')} classes, "
+            "which does not fit the configured model/num_classes"
         )
-    return {k: float(np.asarray(v)) for k, v in metrics.items() if k != "finite"}
+    params, batch_stats = got["params"], got["batch_stats"]
+    return state.replace(
+        params=params,
+        batch_stats=batch_stats,
+        opt_state=state.opt_state,
+        ema_params=params if state.ema_params else {},
+        ema_batch_stats=batch_stats if state.ema_batch_stats else {},
+    )
+
+
+class Preempted(Exception):
+    """Training stopped early on request (SIGTERM / preemption notice) after saving a checkpoint."""
+
+    def __init__(self, step: int):
+        super().__init__(f"preempted at step {step}; checkpoint saved")
+        self.step = step
+
+
+class PreemptionWatcher:
+    """Turns SIGTERM into a request to checkpoint and stop at the next step boundary.
+
+    In a multi-process run every process must stop at the same step, so the
+    decision comes from orbax/JAX's preemption sync (`reached_preemption`), which
+    agrees on a step across hosts; a single process just uses the signal.
+    """
+
+    def __init__(self):
+        self._signalled = False
+        self._previous = None
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+        return False
+
+    def _handle(self, signum, frame):
+        logging.warning("SIGTERM received: saving a checkpoint at the end of this step, then stopping.")
+        self._signalled = True
+
+    def requested(self, manager, step: int) -> bool:
+        if jax.process_count() > 1:
+            return bool(manager.reached_preemption(step))
+        return self._signalled

@@ -107,6 +107,5 @@ def test_non_finite_step_keeps_the_state(step_setup):
     new_state, metrics = step(state, bad)
     assert not bool(metrics["finite"])
     chex.assert_trees_all_equal(new_state.params, state.params)
-    assert int(new_state.step) == 0
-    with pytest.raises(train.NonFiniteLossError, match="at step 5"):
-        train._check_finite(jax.device_get(metrics), 5)
+    chex.assert_trees_all_equal(new_state.opt_state, state.opt_state)
+    assert int(new_state.step) == 1  # the data position still advances

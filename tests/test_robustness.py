@@ -1,0 +1,133 @@
+"""Never lose a run: kill -9 and SIGTERM resume exactly, corrupt checkpoints fall back, NaN stops.
+
+Every run here is the real CLI in a subprocess on the same tiny digits config, so JAX's
+persistent compilation cache (tests/conftest.py) compiles its steps once for all of them.
+"""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+
+import pytest
+from conftest import REPO_ROOT
+
+STEPS = 12
+COMPARED = ("eval_top1", "eval_top5", "eval_loss", "train_loss", "params_global_norm", "steps")
+
+
+def _command(workdir, data_dir, *extra):
+    return [
+        sys.executable, "-m", "skipnet_jax.main", "--config=configs/digits.py", f"--workdir={workdir}",
+        "--config.model=skipnet_xs", "--config.image_size=32", "--config.batch_size=32",
+        "--config.eval_batch_size=100", f"--config.num_train_steps={STEPS}", "--config.checkpoint_every_steps=3",
+        "--config.log_every_steps=1", "--config.learning_rate=0.001", f"--config.data_dir={data_dir}", *extra,
+    ]  # fmt: skip
+
+
+def _env():
+    return dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+
+
+def _run(workdir, data_dir, *extra):
+    return subprocess.run(
+        _command(workdir, data_dir, *extra), cwd=REPO_ROOT, env=_env(), capture_output=True, text=True, timeout=600
+    )
+
+
+def _run_until_step_then_signal(workdir, data_dir, step, sig):
+    """Starts a run, sends `sig` once it logs `step`, returns (exit code, log)."""
+    process = subprocess.Popen(
+        _command(workdir, data_dir), cwd=REPO_ROOT, env=_env(), stderr=subprocess.PIPE, text=True
+    )
+    log = []
+    try:
+        for line in process.stderr:
+            log.append(line)
+            if f"step {step}/{STEPS}" in line:
+                process.send_signal(sig)
+                break
+        log.extend(process.stderr)
+        return process.wait(timeout=300), "".join(log)
+    finally:
+        if process.poll() is None:
+            process.kill()
+
+
+def _results(workdir):
+    with open(os.path.join(workdir, "results.json")) as f:
+        results = json.load(f)
+    return {k: results[k] for k in COMPARED}
+
+
+def _steps_saved(workdir):
+    return sorted(int(d) for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit())
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(digits_data_dir, tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("uninterrupted")
+    result = _run(workdir, digits_data_dir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return _results(workdir)
+
+
+def test_kill_9_at_a_random_step_then_restart_is_identical(uninterrupted, digits_data_dir, tmp_path):
+    kill_at = random.Random().randint(4, STEPS - 1)
+    code, log = _run_until_step_then_signal(tmp_path, digits_data_dir, kill_at, signal.SIGKILL)
+    assert code == -signal.SIGKILL, f"run ended before the kill at step {kill_at}:\n{log[-2000:]}"
+    assert not (tmp_path / "results.json").exists()
+    result = _run(tmp_path, digits_data_dir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Resumed from" in result.stderr
+    assert _results(tmp_path) == uninterrupted, f"killed at step {kill_at}"
+
+
+def test_sigterm_saves_exits_zero_and_resumes(uninterrupted, digits_data_dir, tmp_path):
+    code, log = _run_until_step_then_signal(tmp_path, digits_data_dir, 5, signal.SIGTERM)
+    assert code == 0, log[-3000:]
+    assert "Preempted: checkpoint at step" in log
+    saved = _steps_saved(tmp_path)
+    assert saved and 5 <= saved[-1] < STEPS
+    assert not (tmp_path / "results.json").exists()
+    result = _run(tmp_path, digits_data_dir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert _results(tmp_path) == uninterrupted
+
+
+def test_truncated_latest_checkpoint_falls_back_to_previous(uninterrupted, digits_data_dir, tmp_path):
+    assert _run(tmp_path, digits_data_dir).returncode == 0
+    os.remove(tmp_path / "results.json")
+    latest = tmp_path / "checkpoints" / str(STEPS)
+    victims = sorted((p for p in latest.rglob("*") if p.is_file() and p.stat().st_size > 1000), key=lambda p: -p.stat().st_size)
+    with open(victims[0], "r+b") as f:
+        f.truncate(victims[0].stat().st_size // 2)
+    result = _run(tmp_path, digits_data_dir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"{latest} is unreadable" in result.stderr
+    assert (tmp_path / "checkpoints" / f"{STEPS}.corrupt").is_dir()  # kept for inspection, not deleted
+    assert _results(tmp_path) == uninterrupted
+
+
+def test_nan_stops_with_the_step_and_keeps_the_last_checkpoint(digits_data_dir, tmp_path):
+    result = _run(tmp_path, digits_data_dir, "--config.optimizer=sgd", "--config.learning_rate=1e30", "--config.loss=ce")
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    (line,) = [l for l in result.stderr.splitlines() if l.startswith("error:")]
+    assert "non-finite loss or gradient at step" in line
+    failed_step = int(line.split("at step ")[1].split()[0])
+    assert all(step <= failed_step for step in _steps_saved(tmp_path))
+    assert not any("tmp" in name for name in os.listdir(tmp_path / "checkpoints"))  # no half-written save
+    assert not (tmp_path / "results.json").exists()
+
+
+def test_checkpoint_of_another_model_is_refused(digits_data_dir, tmp_path):
+    assert _run(tmp_path, digits_data_dir, "--config.num_train_steps=3").returncode == 0
+    before = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    result = _run(tmp_path, digits_data_dir, "--config.model=skipnet_s")
+    assert result.returncode == 2
+    (line,) = [l for l in result.stderr.splitlines() if l.startswith("error:")]
+    assert "does not match the configured model" in line
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == before
