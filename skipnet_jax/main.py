@@ -21,6 +21,13 @@ from skipnet_jax import config_validation, models, train  # noqa: E402
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, TensorBoard logs and results.json.")
 config_flags.DEFINE_config_file("config", None, "Path to a config file, e.g. configs/digits.py.", lock_config=True)
+flags.DEFINE_bool(
+    "multihost",
+    False,
+    "Call jax.distributed.initialize() with cluster auto-detection (SLURM, TPU pods, Open MPI, ...). "
+    "Also done, without this flag, when JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID are set "
+    "(launch/local_multiprocess.sh sets them).",
+)
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -50,10 +57,34 @@ def _quiet_libraries() -> None:
     )
 
 
+def _initialize_distributed() -> None:
+    """Joins a multi-process run; must come before anything touches a JAX device."""
+    env = os.environ
+    explicit = all(k in env for k in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"))
+    if not (explicit or FLAGS.multihost):
+        return
+    # Cross-process collectives on CPU (the default in jax 0.10, set explicitly; unused on GPU/TPU).
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    try:
+        if explicit:
+            jax.distributed.initialize(
+                coordinator_address=env["JAX_COORDINATOR_ADDRESS"],
+                num_processes=int(env["JAX_NUM_PROCESSES"]),
+                process_id=int(env["JAX_PROCESS_ID"]),
+            )
+        else:
+            jax.distributed.initialize()  # coordinator, process count and id from the cluster environment
+    except (ValueError, RuntimeError) as e:  # no cluster detected, bad JAX_* values, coordinator unreachable
+        _fail("jax.distributed.initialize() failed: " + " ".join(str(e).split()))
+    logging.info("Process %d of %d, %d local / %d global devices",
+                 jax.process_index(), jax.process_count(), jax.local_device_count(), jax.device_count())  # fmt: skip
+
+
 def main(argv):
     if len(argv) > 1:
         _fail(f"unexpected arguments {argv[1:]}; settings are passed as --config.KEY=VALUE")
     _quiet_libraries()
+    _initialize_distributed()
     try:
         config = FLAGS.config
         config_validation.validate_config(config, device_count=jax.device_count(), model_names=models.list_models())
@@ -66,6 +97,8 @@ def main(argv):
         train.train_and_evaluate(config, FLAGS.workdir)
     except config_validation.ConfigError as e:  # found once the dataset is opened
         _fail(str(e))
+    except train.Preempted as e:
+        logging.warning("%s", e)  # a clean stop: exit code 0, the next start resumes
     except train.NonFiniteLossError as e:
         logging.error("%s", e)
         _fail(str(e))
