@@ -44,6 +44,11 @@ def get_default_config() -> ml_collections.ConfigDict:
     c.data.preprocessing = "auto"
     c.data.randaugment_num_layers = 0  # RandAugment ops per train image; 0 disables it
     c.data.randaugment_magnitude = 9.0  # RandAugment magnitude on the [0, 10] scale
+    # Image folders only: an undecodable/truncated/empty image file, or a class directory with no
+    # images. "skip": a train example takes the next readable file of the split, an eval example
+    # is masked out; every such file is logged and counted in results.json (grayscale, CMYK and
+    # RGBA files are not bad: they are converted to RGB). "error": stop with an error naming it.
+    c.data.bad_images = "skip"
 
     # --- Length of training ----------------------------------------------------
     c.num_epochs = 30.0  # used when num_train_steps <= 0

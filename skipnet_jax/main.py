@@ -99,7 +99,7 @@ def main(argv):
         _fail(str(e))
     except train.Preempted as e:
         logging.warning("%s", e)  # a clean stop: exit code 0, the next start resumes
-    except train.NonFiniteLossError as e:
+    except (train.NonFiniteLossError, train.BadImageError) as e:
         logging.error("%s", e)
         _fail(str(e))
 

@@ -7,6 +7,7 @@ only place with side effects (data, checkpoints, logs, results.json).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -36,6 +37,33 @@ _INIT_STREAM, _DROPOUT_STREAM = 0, 1
 
 class NonFiniteLossError(RuntimeError):
     """Training produced a NaN/Inf loss or gradient."""
+
+
+class BadImageError(RuntimeError):
+    """An image file of an image-folder dataset cannot be decoded (``config.data.bad_images="error"``)."""
+
+
+def _report_bad_files(paths: list[str], seen: set[str], config, where: str) -> None:
+    """Logs each newly met unreadable file once, or stops if the config says so.
+
+    The pipeline has already replaced (train) or masked out (eval) the example;
+    here we only decide whether that is acceptable.
+    """
+    for path in paths:
+        if path in seen:
+            continue
+        seen.add(path)
+        if config.data.get("bad_images", "skip") == "error":
+            raise BadImageError(
+                f"cannot decode image file {path!r} ({where}); fix or remove it, or set"
+                " --config.data.bad_images=skip to skip unreadable files"
+            )
+        logging.warning("Skipping unreadable image file %s (%s)", path, where)
+    if len(paths) >= pipeline.MAX_CONSECUTIVE_BAD_FILES:
+        raise BadImageError(
+            f"{len(paths)} unreadable image files in a row from {paths[0]!r} ({where});"
+            " is the dataset directory damaged?"
+        )
 
 
 @flax.struct.dataclass
@@ -180,16 +208,19 @@ def evaluate(jitted_eval_step, state, config, data_sharding) -> dict[str, float]
     iterator = pipeline.create_eval_iterator(
         config, process_index=jax.process_index(), process_count=jax.process_count()
     )
+    bad_files: set[str] = set()
     for local_batch in iterator:
+        bad = pipeline.pop_bad_files(local_batch, config, config.data.eval_split)
+        _report_bad_files(bad, bad_files, config, "eval")
         sums = jitted_eval_step(state, sharding.to_global_batch(local_batch, data_sharding))
         totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
     totals = jax.device_get(totals)
     count = float(totals["count"])
     return {
-        "eval_loss": float(totals["loss_sum"]) / count,
-        "eval_top1": float(totals["top1_sum"]) / count,
-        "eval_top5": float(totals["top5_sum"]) / count,
-        "eval_examples": int(count),
+        "eval_loss": float(totals["loss_sum"]) / max(count, 1.0),
+        "eval_top1": float(totals["top1_sum"]) / max(count, 1.0),
+        "eval_top5": float(totals["top5_sum"]) / max(count, 1.0),
+        "eval_examples": int(count),  # < the split's size only if unreadable files were skipped
     }
 
 
@@ -264,6 +295,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     pending = None  # metrics of the previous step, checked while the current one runs
     last_metrics: dict[str, float] = {}
     skipped: list[int] = []
+    bad_train_files: set[str] = set()
 
     def finish(step_metrics, completed: int) -> None:
         nonlocal last_metrics
@@ -279,9 +311,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         last_metrics = {k: float(np.asarray(v)) for k, v in metrics.items() if k != "finite"}
         reporter.record(completed, last_metrics)
 
-    with PreemptionWatcher() as preemption:
+    with PreemptionWatcher() as preemption, _finish_saves_on(BadImageError, manager):
         for step in range(start_step, num_train_steps):
-            batch = sharding.to_global_batch(next(train_iterator), data_sharding)
+            local_batch = next(train_iterator)
+            bad = pipeline.pop_bad_files(local_batch, config, config.data.train_split)
+            if bad:
+                _report_bad_files(bad, bad_train_files, config, f"train step {step}")
+            batch = sharding.to_global_batch(local_batch, data_sharding)
             state, metrics = jitted_train_step(state, batch)
             if pending is not None:
                 finish(pending, step)
@@ -311,6 +347,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         "steps": int(state.step),
         "resumed_from_step": start_step,
         "skipped_nonfinite_steps": skipped,
+        # Image folders: unreadable files skipped by this process (each process logs its own) and
+        # eval examples lost to them (global); empty class directories of the train split.
+        "skipped_train_files": sorted(bad_train_files),
+        "skipped_eval_examples": info.num_eval_examples - eval_metrics["eval_examples"],
+        "empty_class_dirs": list(info.empty_class_dirs),
         "examples_per_sec": reporter.examples_per_sec(),
         "wall_seconds": time.time() - wall_start,
         "params_global_norm": float(jax.jit(optax.global_norm)(state.params)),
@@ -327,6 +368,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     manager.close()
     logging.info("Results: %s", json.dumps(results, sort_keys=True))
     return results
+
+
+@contextlib.contextmanager
+def _finish_saves_on(error_type, manager):
+    """On `error_type`, lets pending checkpoint saves complete before it propagates."""
+    try:
+        yield
+    except error_type:
+        manager.wait_until_finished()
+        raise
 
 
 def _non_finite_message(metrics: dict, step: int) -> str:

@@ -21,17 +21,36 @@ Train stream contract (exact resume and multi-host equivalence rely on it):
   never read, decoded or augmented; the skip is O(1).
 
 Examples are read by index, either from an in-memory copy of the decoded
-split (``config.data.cache=True``; small datasets) or through TFDS random
-access (``as_data_source``; needs an ``array_record``/``parquet`` preparation).
+split (``config.data.cache=True``; small fixed-shape datasets), through TFDS
+random access (``as_data_source``; needs an ``array_record``/``parquet``
+preparation; "inception" datasets are read still encoded), or from an image
+folder's file list.  Variable-size datasets and folders are never cached.
 A full per-epoch permutation is a perfect shuffle, so no shuffle buffer is
 used and ``config.data.shuffle_buffer`` is accepted but ignored.
 
-Per example: uint8 -> float ``[0, 1]``, grayscale repeated to RGB, bilinear
-(antialiased) resize to ``image_size`` x ``image_size``, train-only
-augmentation (`preprocess.augment_policy`: pad-and-crop translation; plus a
-horizontal flip except for digit datasets), then per-channel normalisation.
-ImageNet-style random-resized crops are not implemented (images are resized
-to a square).
+Datasets: the bundled ``digits``; any TFDS image-classification dataset
+(``cifar10``, ``mnist``, ...); ``imagenet2012`` (prepared by TFDS from the
+official tars in ``config.data.manual_dir``, see `_builder`); and a user's
+image folder (``config.dataset`` is a directory path, see `folder`), whose
+files are listed once and then read and decoded lazily, like any other
+example, inside the same index stream.
+
+Two per-example preprocessings (``config.data.preprocessing``; "auto" picks
+"inception" for image folders, ImageNet and any dataset whose images are
+variable-size or larger than ``_SMALL_IMAGE_SIDE`` px, else "simple"):
+
+* "simple" (small images): uint8 -> float ``[0, 1]``, grayscale repeated to
+  RGB, bilinear (antialiased) resize to ``image_size`` x ``image_size``,
+  train-only augmentation (`preprocess.augment_policy`: pad-and-crop
+  translation; plus a horizontal flip except for digit datasets).
+* "inception" (`inception`): train = random-resized crop decoded straight
+  from the JPEG, horizontal flip; eval = shorter side resized to
+  ``ceil(image_size / 0.875)``, central crop.
+
+Then optional RandAugment on train (`randaugment`;
+``config.data.randaugment_num_layers > 0``) and per-channel normalisation
+(ImageNet statistics for ImageNet, image folders and unknown "inception"
+datasets).
 
 Exactness holds for a fixed TensorFlow version: the stateless shuffle and
 random ops are only guaranteed stable within one (tensorflow is pinned).
@@ -47,6 +66,7 @@ import difflib
 import functools
 import math
 import os
+import sys
 from collections.abc import Callable, Iterator
 
 from absl import logging
@@ -55,7 +75,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from skipnet_jax.data import digits as _digits  # noqa: F401 (registers "digits")
-from skipnet_jax.data import preprocess
+from skipnet_jax.data import folder, inception, preprocess, randaugment
 
 Batch = dict[str, np.ndarray]
 Example = dict[str, tf.Tensor]
@@ -68,6 +88,29 @@ _AUGMENT_SALT = 0x4155_4720  # "AUG "
 _INT64_MAX = np.iinfo(np.int64).max
 _LOAD_CHUNK = 1024  # Examples per batch when reading a split into memory.
 _PARALLEL = dict(num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+# TFDS datasets prepared from manually downloaded files -> the files TFDS reads
+# from the manual dir (all imagenet2012 variants read the official tars).
+_MANUAL_FILES = {
+    "imagenet2012": ("ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar"),
+    "imagenet2012_subset": ("ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar"),
+}
+# "auto" preprocessing: images at most this many px a side use "simple".
+_SMALL_IMAGE_SIDE = 64
+PREPROCESSINGS = ("auto", "simple", "inception")
+# config.data.bad_images: what an unreadable image file of an image folder does.
+BAD_IMAGE_POLICIES = ("skip", "error")
+# "skip": a train example whose file cannot be decoded takes the next file of the
+# split (index + 1, ...); more than this many unreadable files in a row is an error.
+MAX_CONSECUTIVE_BAD_FILES = 16
+# Key of the per-example count of unreadable files skipped (folder sources only);
+# the training loop pops it before the batch goes to the device (see `pop_bad_files`).
+BAD_FILES_KEY = "bad_files"
+INDEX_KEY = "index"  # the example's index in its split (folder sources only)
+IMAGENET_MEAN, IMAGENET_STD = preprocess.default_normalization("imagenet2012")
+
+
+class DataNotFoundError(FileNotFoundError, ValueError):
+    """The dataset's files are missing (a ValueError too: the CLI reports it as a config error)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,11 +124,43 @@ class DatasetInfo:
     class_names: tuple[str, ...]
     train_split: str
     eval_split: str
+    empty_class_dirs: tuple[str, ...] = ()  # image folders: train class dirs with no images
 
 
 def get_dataset_info(config) -> DatasetInfo:
-    """Returns class and split facts of ``config.dataset`` (prepares digits)."""
-    builder = _builder(config)
+    """Returns class and split facts of ``config.dataset`` (prepares it if it can).
+
+    Also validates the ``config.data`` fields this module reads.  In a
+    multi-process run only process 0 prepares an auto-prepared dataset
+    (``digits``); the others wait for it at a barrier, so all processes must
+    call this (the training loop does, first thing).
+    """
+    _check_data_config(config)
+    if _is_folder(config):
+        train = folder.load_split(config.dataset, config.data.train_split)
+        evals = folder.load_split(config.dataset, config.data.eval_split)
+        class_names = folder.class_names(config.dataset)
+        empty = train.empty_class_dirs
+        if empty and config.data.get("bad_images", "skip") == "error":
+            raise ValueError(
+                f"image folder class directory {empty[0]!r} has no"
+                f" {'/'.join(folder.IMAGE_EXTENSIONS)} files ({len(empty)} empty in"
+                " all; config.data.bad_images='error'; 'skip' keeps the class label and"
+                " trains without examples of it)"
+            )
+        for directory in empty:
+            logging.warning("Empty class directory (its label gets no train examples): %s", directory)
+        return DatasetInfo(
+            name=config.dataset,
+            num_classes=len(class_names),
+            num_train_examples=len(train.paths),
+            num_eval_examples=len(evals.paths),
+            class_names=class_names,
+            train_split=config.data.train_split,
+            eval_split=config.data.eval_split,
+            empty_class_dirs=empty,
+        )
+    builder = _prepared_builder(config)
     label = builder.info.features["label"]
     return DatasetInfo(
         name=config.dataset,
@@ -100,8 +175,10 @@ def get_dataset_info(config) -> DatasetInfo:
 
 def num_eval_batches(config) -> int:
     """``ceil(N_eval / eval_batch_size)``: the same on every process."""
-    builder = _builder(config)
-    num = _num_examples(builder, config.data.eval_split)
+    if _is_folder(config):
+        num = len(folder.load_split(config.dataset, config.data.eval_split).paths)
+    else:
+        num = _num_examples(_builder(config), config.data.eval_split)
     return math.ceil(num / config.eval_batch_size)
 
 
@@ -118,17 +195,44 @@ def create_train_iterator(
     local_batch = _local_batch_size(
         "batch_size", config.batch_size, process_index, process_count
     )
-    builder = _builder(config)
-    source = _open_split(builder, config.data.train_split, config.data.cache)
-    policy = preprocess.augment_policy(config.dataset, config.data.augment)
-    mean, std = _normalization(config)
+    source = _open_source(config, config.data.train_split)
+    augment = config.data.augment
+    policy = preprocess.augment_policy(_flip_name(config), augment)
+    num_layers = config.data.get("randaugment_num_layers", 0) if augment else 0
+    magnitude = config.data.get("randaugment_magnitude", 0.0)
+    mean, std = _normalization(config, source.preprocessing)
+    size = config.image_size
+
+    def load_index(index: tf.Tensor, seed: tf.Tensor) -> Example:
+        image, label = source.lookup(index)
+        crop_seed, flip_seed, randaugment_seed = tf.unstack(
+            tf.random.experimental.stateless_split(seed, num=3)
+        )
+        if source.preprocessing == "inception":
+            if augment:
+                image = inception.train_image(image, crop_seed, size)
+                if policy.flip:
+                    image = tf.image.stateless_random_flip_left_right(image, flip_seed)
+            else:
+                image = inception.eval_image(image, size)
+        else:
+            image = preprocess.resize(preprocess.to_float_rgb(image), size)
+            image = preprocess.augment(image, seed, policy)
+        image = randaugment.randaugment(image, randaugment_seed, num_layers, magnitude)
+        return {"image": preprocess.normalize(image, mean, std), "label": label}
 
     def load(element: Example) -> Example:
-        image, label = source.lookup(element["index"])
-        image = preprocess.resize(preprocess.to_float_rgb(image), config.image_size)
         seed = _augment_seed(config.seed, element["epoch"], element["offset"])
-        image = preprocess.augment(image, seed, policy)
-        return {"image": preprocess.normalize(image, mean, std), "label": label}
+        if not source.may_fail:
+            return load_index(element["index"], seed)
+        # An unreadable file is replaced by the next readable one of the split
+        # (same augmentation seed): still a pure function of the position.
+        example = _first_readable(
+            lambda k: load_index((element["index"] + k) % source.num_examples, seed),
+            fallback={"image": tf.zeros([size, size, 3]), "label": tf.constant(0, tf.int32)},
+            max_tries=MAX_CONSECUTIVE_BAD_FILES,
+        )
+        return {**example, INDEX_KEY: element["index"]}
 
     stream = _train_stream(
         source.num_examples, config.batch_size, start_step, config.seed
@@ -152,18 +256,38 @@ def create_eval_iterator(
     local_batch = _local_batch_size(
         "eval_batch_size", config.eval_batch_size, process_index, process_count
     )
-    builder = _builder(config)
-    source = _open_split(builder, config.data.eval_split, config.data.cache)
-    mean, std = _normalization(config)
+    source = _open_source(config, config.data.eval_split)
+    mean, std = _normalization(config, source.preprocessing)
     num = source.num_examples
     total = math.ceil(num / config.eval_batch_size) * config.eval_batch_size
 
+    def load_index(index: tf.Tensor) -> Example:
+        image, label = source.lookup(index)
+        if source.preprocessing == "inception":
+            image = inception.eval_image(image, config.image_size)
+        else:
+            image = preprocess.resize(preprocess.to_float_rgb(image), config.image_size)
+        return {"image": preprocess.normalize(image, mean, std), "label": label}
+
     def load(element: Example) -> Example:
         is_real = element["position"] < num
-        image, label = source.lookup(tf.minimum(element["position"], num - 1))
-        image = preprocess.resize(preprocess.to_float_rgb(image), config.image_size)
-        image = preprocess.normalize(image, mean, std)
+        index = tf.minimum(element["position"], num - 1)
+        if source.may_fail:  # an unreadable file is masked out (and counted), not replaced
+            size = config.image_size
+            example = _first_readable(
+                lambda k: load_index(index),
+                fallback={"image": tf.zeros([size, size, 3]), "label": tf.constant(0, tf.int32)},
+                max_tries=1,
+            )
+            bad = example.pop(BAD_FILES_KEY)
+            example[BAD_FILES_KEY] = tf.where(is_real, bad, 0)
+            example[INDEX_KEY] = index
+            is_real = tf.logical_and(is_real, tf.equal(bad, 0))
+        else:
+            example = load_index(index)
+        image, label = example["image"], example["label"]
         return {
+            **example,
             "image": tf.where(is_real, image, tf.zeros_like(image)),
             "label": tf.where(is_real, label, tf.zeros_like(label)),
             "mask": tf.cast(is_real, tf.float32),
@@ -174,6 +298,42 @@ def create_eval_iterator(
         positions, config.eval_batch_size, local_batch, process_index, process_count
     )
     return _finish(positions.map(load, **_PARALLEL), local_batch, config)
+
+
+# --------------------------------------------------------------------------
+# Unreadable files (image folders).
+
+
+def _first_readable(load: Callable[[tf.Tensor], Example], fallback: Example, max_tries: int) -> Example:
+    """``load(k)`` for the first ``k`` in ``0 .. max_tries-1`` that raises no error.
+
+    Returns its example plus ``BAD_FILES_KEY``: ``k`` (the number of failed
+    tries before it), or `fallback` with ``BAD_FILES_KEY = max_tries`` when
+    every try failed.  Errors (undecodable, truncated or empty files) are
+    caught by tf.data's ``ignore_errors`` on a tiny per-example dataset, the
+    only way to recover from a failing op inside a tf.data graph.
+    """
+    tries = tf.data.Dataset.range(max_tries).map(lambda k: {**load(k), BAD_FILES_KEY: tf.cast(k, tf.int32)})
+    last = tf.data.Dataset.from_tensors({**fallback, BAD_FILES_KEY: tf.constant(max_tries, tf.int32)})
+    return tries.ignore_errors().concatenate(last).take(1).get_single_element()
+
+
+def pop_bad_files(batch: Batch, config, split: str) -> list[str]:
+    """Removes the unreadable-file bookkeeping from `batch`; returns those files' paths.
+
+    A train example that took ``n`` tries skipped the files at indices
+    ``index .. index+n-1`` (mod N) of the split; an eval example at most its
+    own.  Returns ``[]`` for sources that cannot fail (TFDS datasets).
+    """
+    counts, indices = batch.pop(BAD_FILES_KEY, None), batch.pop(INDEX_KEY, None)
+    if counts is None:
+        return []
+    paths = folder.load_split(config.dataset, split).paths
+    return [
+        paths[(int(index) + k) % len(paths)]
+        for index, count in zip(indices, counts)
+        for k in range(int(count))
+    ]
 
 
 # --------------------------------------------------------------------------
@@ -284,15 +444,95 @@ class _Source:
 
     Attributes:
       num_examples: split size ``N``.
-      lookup: ``index (int64 scalar) -> (uint8 image [h, w, c], int32 label)``.
+      lookup: ``index (int64 scalar) -> (image, int32 label)``; the image is
+        ``uint8 [h, w, c]`` or, for encoded sources, a scalar ``tf.string``
+        holding the file's bytes (decoded by `inception`).
+      preprocessing: "simple" or "inception" (resolved from "auto").
+      may_fail: decoding may raise (files of an image folder, which nobody
+        validated); such examples are loaded through `_first_readable`.
     """
 
     num_examples: int
     lookup: Callable[[tf.Tensor], tuple[tf.Tensor, tf.Tensor]]
+    preprocessing: str = "simple"
+    may_fail: bool = False
+
+
+def _is_folder(config) -> bool:
+    return folder.looks_like_path(config.dataset)
+
+
+def _flip_name(config) -> str:
+    """Name used for the no-flip dataset list (folders are natural images)."""
+    return "image_folder" if _is_folder(config) else config.dataset
+
+
+def _open_source(config, split: str) -> _Source:
+    """The split of ``config.dataset`` as a `_Source` (folder or TFDS)."""
+    mode = config.data.get("preprocessing", "auto")
+    if _is_folder(config):
+        return _folder_source(config.dataset, split, "inception" if mode == "auto" else mode)
+    builder = _builder(config)
+    image_shape = builder.info.features["image"].shape
+    if mode == "auto":
+        large = None in image_shape or max(image_shape[:2]) > _SMALL_IMAGE_SIDE
+        is_imagenet = preprocess.base_name(config.dataset) in _MANUAL_FILES
+        mode = "inception" if large or is_imagenet else "simple"
+    # Variable-size images cannot be stacked into one in-memory array.
+    cache = config.data.cache and None not in image_shape
+    if config.data.cache and not cache:
+        logging.info("%s has variable-size images: reading lazily (cache ignored)", builder.name)
+    source = _open_split(builder, split, cache, encoded=mode == "inception" and not cache)
+    return dataclasses.replace(source, preprocessing=mode)
+
+
+def _folder_source(name: str, split: str, mode: str) -> _Source:
+    """Reads files lazily by index from the split's sorted file list."""
+    listing = folder.load_split(name, split)
+    paths = tf.constant(listing.paths)
+    labels = tf.constant(listing.labels, tf.int32)
+
+    def lookup(index: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        encoded = tf.io.read_file(tf.gather(paths, index))
+        if mode == "simple":
+            return inception.decode_rgb(encoded), tf.gather(labels, index)
+        return encoded, tf.gather(labels, index)
+
+    return _Source(len(listing.paths), lookup, preprocessing=mode, may_fail=True)
+
+
+def _process_layout() -> tuple[int, int]:
+    """``(process_count, process_index)`` of a JAX run; (1, 0) if JAX is not in use."""
+    jax = sys.modules.get("jax")
+    if jax is None:
+        return 1, 0
+    return jax.process_count(), jax.process_index()
+
+
+def _prepared_builder(config) -> tfds.core.DatasetBuilder:
+    """`_builder`; with several processes, process 0 prepares and the rest wait."""
+    count, index = _process_layout()
+    if count == 1 or preprocess.base_name(config.dataset) not in _AUTO_PREPARE:
+        return _builder(config)
+    if index == 0:
+        _builder(config)
+    from jax.experimental import multihost_utils
+
+    multihost_utils.sync_global_devices(f"skipnet_jax prepared {config.dataset}")
+    return _builder(config)
 
 
 def _builder(config) -> tfds.core.DatasetBuilder:
-    """Returns the TFDS builder of ``config.dataset``, preparing digits if needed."""
+    """Returns the TFDS builder of ``config.dataset``, preparing it if needed.
+
+    ``digits`` is prepared on first use (no download).  ``imagenet2012`` is
+    prepared, once and in ``array_record`` format (for random access), from
+    the official tars in ``config.data.manual_dir`` (default
+    ``<data_dir>/downloads/manual``, TFDS's own default) when they are there,
+    else `DataNotFoundError` names the directory and the files.  Preparing
+    ImageNet takes hours on one machine; in a multi-process run it must have
+    been done before (`tfds build`, see launch/README.md).
+    """
     _configure_tensorflow()
     name = config.dataset
     try:
@@ -305,9 +545,44 @@ def _builder(config) -> tfds.core.DatasetBuilder:
             f"config.dataset={name!r} is not an image-classification dataset: it"
             f" needs 'image' and 'label' features, has {sorted(features.keys())}"
         )
-    if preprocess.base_name(name) in _AUTO_PREPARE:
+    base = preprocess.base_name(name)
+    if base in _AUTO_PREPARE:
         builder.download_and_prepare()  # No network; a no-op once prepared.
+    elif base in _MANUAL_FILES and not builder.is_prepared():
+        builder = _prepare_from_manual_dir(config, builder, _MANUAL_FILES[base])
     return builder
+
+
+def _prepare_from_manual_dir(
+    config, builder: tfds.core.DatasetBuilder, files: tuple[str, ...]
+) -> tfds.core.DatasetBuilder:
+    manual_dir = config.data.get("manual_dir") or os.fspath(
+        builder.data_dir_root / "downloads" / "manual"
+    )
+    missing = [f for f in files if not tf.io.gfile.exists(os.path.join(manual_dir, f))]
+    if missing:
+        raise DataNotFoundError(
+            f"config.dataset={config.dataset!r} is not prepared in"
+            f" {os.fspath(builder.data_dir_root)!r} and TFDS found no manual"
+            f" download in {manual_dir!r}: expected {' and '.join(files)} there"
+            f" (missing: {', '.join(missing)}; get them from"
+            " https://image-net.org/download-images and set"
+            " config.data.manual_dir, or prepare with `tfds build`)"
+        )
+    if _process_layout()[0] > 1:
+        raise DataNotFoundError(
+            f"config.dataset={config.dataset!r} is not prepared in"
+            f" {os.fspath(builder.data_dir_root)!r}; prepare it once, before a"
+            " multi-process run: `tfds build imagenet2012 --file_format=array_record"
+            f" --data_dir=... --manual_dir={manual_dir}`"
+        )
+    logging.info("Preparing %s from %s (once; takes long for the full dataset)", config.dataset, manual_dir)
+    tfds.builder(
+        config.dataset, data_dir=config.data_dir, file_format="array_record"
+    ).download_and_prepare(
+        download_config=tfds.download.DownloadConfig(manual_dir=manual_dir)
+    )
+    return tfds.builder(config.dataset, data_dir=config.data_dir)
 
 
 def _unknown_dataset_message(name: str) -> str:
@@ -316,8 +591,9 @@ def _unknown_dataset_message(name: str) -> str:
     hint = f" Did you mean {close[0]!r}?" if close else ""
     return (
         f"Unknown dataset: config.dataset={name!r}.{hint} Choices: 'digits'"
-        " (bundled, no download) or a prepared TFDS image-classification"
-        " dataset such as 'cifar10', 'cifar100' or 'mnist'."
+        " (bundled, no download), a prepared TFDS image-classification"
+        " dataset such as 'cifar10', 'cifar100', 'mnist' or 'imagenet2012',"
+        " or an image-folder path (root/train/<class>/*.jpg, root/val/...)."
     )
 
 
@@ -333,7 +609,7 @@ def _num_examples(builder: tfds.core.DatasetBuilder, split: str) -> int:
     try:
         cardinality = int(builder.as_dataset(split=split).cardinality())
     except AssertionError as err:  # TFDS's "could not find data in ...".
-        raise FileNotFoundError(
+        raise DataNotFoundError(
             f"config.dataset={builder.name!r} has no prepared data at"
             f" {builder.data_dir!r}; prepare it first, e.g. `tfds build"
             f" {builder.name} --data_dir=...` (needs network access)"
@@ -344,14 +620,18 @@ def _num_examples(builder: tfds.core.DatasetBuilder, split: str) -> int:
 
 
 def _open_split(
-    builder: tfds.core.DatasetBuilder, split: str, cache: bool
+    builder: tfds.core.DatasetBuilder, split: str, cache: bool, encoded: bool = False
 ) -> _Source:
-    """In-memory source if `cache`, else TFDS random access (`as_data_source`)."""
+    """In-memory source if `cache`, else TFDS random access (`as_data_source`).
+
+    `encoded` (random access only): the image is returned as its stored
+    (encoded) bytes, for `inception` to decode, e.g. only the crop of a JPEG.
+    """
     expected = _num_examples(builder, split)  # Also: fails early if unprepared.
     if cache:
         source = _in_memory_source(builder, split)
     else:
-        source = _random_access_source(builder, split)
+        source = _random_access_source(builder, split, encoded)
     if source.num_examples != expected:
         raise RuntimeError(
             f"{builder.name} split {split!r}: read {source.num_examples} examples,"
@@ -400,8 +680,10 @@ def _read_split(
     return images.astype(np.uint8), labels.astype(np.int32)
 
 
-def _random_access_source(builder: tfds.core.DatasetBuilder, split: str) -> _Source:
-    """Reads and decodes single examples on demand via TFDS random access."""
+def _random_access_source(
+    builder: tfds.core.DatasetBuilder, split: str, encoded: bool = False
+) -> _Source:
+    """Reads (and unless `encoded`, decodes) single examples on demand via TFDS random access."""
     if not _has_random_access(builder):
         raise ValueError(
             f"config.data.cache=False reads examples by index, which needs"
@@ -409,16 +691,21 @@ def _random_access_source(builder: tfds.core.DatasetBuilder, split: str) -> _Sou
             f" {builder.info.file_format}); set config.data.cache=True or"
             " re-prepare it with file_format='array_record'"
         )
-    data = builder.as_data_source(split=split)
-    image_shape = builder.info.features["image"].shape
+    decoders = {"image": tfds.decode.SkipDecoding()} if encoded else None
+    data = builder.as_data_source(split=split, decoders=decoders)
+    image_shape = [] if encoded else builder.info.features["image"].shape
 
     def fetch(index: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         example = data[int(index)]
-        return np.asarray(example["image"], np.uint8), np.int32(example["label"])
+        if encoded:
+            image = np.asarray(example["image"], dtype=object)
+        else:
+            image = np.asarray(example["image"], np.uint8)
+        return image, np.int32(example["label"])
 
     def lookup(index: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
         image, label = tf.numpy_function(
-            fetch, [index], [tf.uint8, tf.int32], stateful=False
+            fetch, [index], [tf.string if encoded else tf.uint8, tf.int32], stateful=False
         )
         return tf.ensure_shape(image, image_shape), tf.ensure_shape(label, [])
 
@@ -446,9 +733,16 @@ def _local_batch_size(
     return global_batch // process_count
 
 
-def _normalization(config) -> tuple[preprocess.Stats, preprocess.Stats]:
-    """``(mean, std)`` from the config, each falling back to the dataset default."""
+def _normalization(config, preprocessing: str = "simple") -> tuple[preprocess.Stats, preprocess.Stats]:
+    """``(mean, std)`` from the config, each falling back to the dataset default.
+
+    The default is ImageNet's for image folders and for "inception"-style
+    datasets without statistics of their own.
+    """
     default_mean, default_std = preprocess.default_normalization(config.dataset)
+    known = preprocess.base_name(config.dataset) in preprocess.known_normalizations()
+    if _is_folder(config) or (preprocessing == "inception" and not known):
+        default_mean, default_std = IMAGENET_MEAN, IMAGENET_STD
     mean = tuple(config.data.mean) if config.data.mean is not None else default_mean
     std = tuple(config.data.std) if config.data.std is not None else default_std
     if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
@@ -456,6 +750,43 @@ def _normalization(config) -> tuple[preprocess.Stats, preprocess.Stats]:
             f"config.data.mean/std must be 3 floats (std > 0), got {mean} / {std}"
         )
     return mean, std
+
+
+def _check_data_config(config) -> None:
+    """Validates the ``config.data`` fields added for ImageNet-style input."""
+    data = config.data
+    mode = data.get("preprocessing", "auto")
+    if mode not in PREPROCESSINGS:
+        raise ValueError(
+            f"config.data.preprocessing={mode!r} is not valid; valid choices:"
+            f" {', '.join(PREPROCESSINGS)}"
+        )
+    layers = data.get("randaugment_num_layers", 0)
+    if isinstance(layers, bool) or not isinstance(layers, int) or layers < 0:
+        raise ValueError(
+            f"config.data.randaugment_num_layers={layers!r} is not valid; it must"
+            " be an integer >= 0 (0 disables RandAugment)"
+        )
+    magnitude = data.get("randaugment_magnitude", 0.0)
+    if isinstance(magnitude, bool) or not isinstance(magnitude, (int, float)) or not (
+        0 <= magnitude <= randaugment.MAX_LEVEL
+    ):
+        raise ValueError(
+            f"config.data.randaugment_magnitude={magnitude!r} is not valid; it"
+            f" must be a number in [0, {randaugment.MAX_LEVEL:g}]"
+        )
+    policy = data.get("bad_images", "skip")
+    if policy not in BAD_IMAGE_POLICIES:
+        raise ValueError(
+            f"config.data.bad_images={policy!r} is not valid; valid choices:"
+            f" {', '.join(BAD_IMAGE_POLICIES)}"
+        )
+    manual_dir = data.get("manual_dir")
+    if manual_dir is not None and (not isinstance(manual_dir, str) or not manual_dir):
+        raise ValueError(
+            f"config.data.manual_dir={manual_dir!r} is not valid; it must be None"
+            " or a directory path"
+        )
 
 
 @functools.cache

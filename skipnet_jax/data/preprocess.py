@@ -48,6 +48,11 @@ def base_name(dataset: str) -> str:
     return dataset.split(":")[0].split("/")[0]
 
 
+def known_normalizations() -> frozenset[str]:
+    """Base names of the datasets with their own statistics."""
+    return frozenset(_NORMALIZATION)
+
+
 def default_normalization(dataset: str) -> tuple[Stats, Stats]:
     """Returns the default ``(mean, std)`` of `dataset` (see module constants)."""
     return _NORMALIZATION.get(base_name(dataset), _DEFAULT_NORMALIZATION)

@@ -1,0 +1,119 @@
+"""Bad files in an image folder (issue: never lose a run): undecodable, truncated and
+empty image files are skipped and counted (or stop the run with an error naming the
+file), an empty class directory is reported; odd-but-valid formats (grayscale, CMYK,
+RGBA) are decoded, see tests/test_imagenet_pipeline.py."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+from test_imagenet_pipeline import _cli, _config, _encode, _image
+
+from skipnet_jax.data import pipeline
+
+GOOD = {("train", "a"): 2, ("train", "b"): 2, ("val", "a"): 2, ("val", "b"): 2}
+
+
+@pytest.fixture(scope="module")
+def damaged_folder(tmp_path_factory):
+    """train: a/ 2 good + garbage + truncated, b/ 2 good + empty file, c/ empty; val: a/ 2 good +
+    truncated, b/ 2 good.  Three classes, as in test_cli_imagenet_m_on_image_folder (so
+    the CLI runs below reuse its compiled programs)."""
+    root = tmp_path_factory.mktemp("damaged")
+    for (split, name), count in GOOD.items():
+        directory = root / split / name
+        directory.mkdir(parents=True)
+        for i in range(count):
+            (directory / f"good{i}.jpg").write_bytes(_encode(_image(120 + 10 * i, 90, seed=i), "JPEG", quality=90))
+    jpeg = _encode(_image(200, 150, seed=7), "JPEG", quality=90)
+    (root / "train" / "a" / "garbage.jpg").write_bytes(b"this is not an image")
+    (root / "train" / "a" / "truncated.jpg").write_bytes(jpeg[: len(jpeg) // 3])
+    (root / "train" / "b" / "empty.png").write_bytes(b"")
+    (root / "train" / "c").mkdir()
+    (root / "val" / "a" / "truncated.jpg").write_bytes(jpeg[: len(jpeg) // 2])
+    return str(root)
+
+
+def _bad_train_files(root):
+    return {os.path.join(root, "train", *p) for p in (("a", "garbage.jpg"), ("a", "truncated.jpg"), ("b", "empty.png"))}
+
+
+def test_train_stream_skips_and_reports_unreadable_files(damaged_folder):
+    config = _config(damaged_folder, bad_images="skip")
+    info = pipeline.get_dataset_info(config)
+    assert info.num_classes == 3 and info.num_train_examples == 7
+    assert info.empty_class_dirs == (os.path.join(damaged_folder, "train", "c"),)
+    reported = []
+    batches = list(itertools.islice(pipeline.create_train_iterator(config), 7))  # 4 epochs
+    for batch in batches:
+        found = pipeline.pop_bad_files(batch, config, "train")
+        reported.extend(found)
+        assert set(batch) == {"image", "label"}
+        assert batch["image"].shape == (4, 64, 64, 3) and np.isfinite(batch["image"]).all()
+        assert set(batch["label"]) <= {0, 1}  # every example is a real, readable one
+    assert set(reported) == _bad_train_files(damaged_folder)
+    # Deterministic: the same stream again, and a resumed one, see the same files.
+    again = list(itertools.islice(pipeline.create_train_iterator(config, start_step=3), 4))
+    for got, want in zip(again, batches[3:]):
+        np.testing.assert_array_equal(got["image"], want["image"])
+
+
+def test_eval_masks_out_unreadable_files(damaged_folder):
+    config = _config(damaged_folder)
+    batches = list(pipeline.create_eval_iterator(config))
+    found = [p for b in batches for p in pipeline.pop_bad_files(b, config, "validation")]
+    assert found == [os.path.join(damaged_folder, "val", "a", "truncated.jpg")]
+    mask = np.concatenate([b["mask"] for b in batches])
+    assert mask.sum() == 4 and len(mask) == 5
+
+
+def test_error_policy_names_the_empty_class_dir(damaged_folder):
+    with pytest.raises(ValueError, match=r"train/c'.*bad_images='error'"):
+        pipeline.get_dataset_info(_config(damaged_folder, bad_images="error"))
+    with pytest.raises(ValueError, match="bad_images='sometimes' is not valid; valid choices: skip, error"):
+        pipeline.get_dataset_info(_config(damaged_folder, bad_images="sometimes"))
+
+
+_CLI_FLAGS = ("--config.image_size=64", "--config.batch_size=4", "--config.eval_batch_size=4")
+
+
+def test_cli_skips_counts_then_error_mode_stops_and_keeps_checkpoint(damaged_folder, tmp_path):
+    workdir = tmp_path / "run"
+    result = _cli(workdir, f"--config.dataset={damaged_folder}", *_CLI_FLAGS, "--config.num_train_steps=2")
+    assert result.returncode == 0, result.stderr[-4000:]
+    with open(workdir / "results.json") as f:
+        results = json.load(f)
+    assert results["eval_examples"] == 4 and results["skipped_eval_examples"] == 1
+    assert results["empty_class_dirs"] == [os.path.join(damaged_folder, "train", "c")]
+    assert results["skipped_train_files"] and set(results["skipped_train_files"]) <= _bad_train_files(damaged_folder)
+    assert "Skipping unreadable image file" in result.stderr
+
+    # Strict mode: first the empty class directory is refused, naming it.
+    strict = ("--config.data.bad_images=error", "--config.num_train_steps=4")
+    result = _cli(workdir, f"--config.dataset={damaged_folder}", *_CLI_FLAGS, *strict)
+    assert result.returncode == 2 and _one_error_line(result).count("train/c'") == 1
+
+    # With that class filled, the resumed run (step 2 -> 4) meets an unreadable file and stops
+    # with one error line naming it, exit 2; the step-2 checkpoint and results.json are intact.
+    fixed = tmp_path / "fixed"
+    shutil.copytree(damaged_folder, fixed)
+    (fixed / "train" / "c" / "good.jpg").write_bytes(_encode(_image(100, 80, seed=3), "JPEG"))
+    result = _cli(workdir, f"--config.dataset={fixed}", *_CLI_FLAGS, *strict)
+    assert result.returncode == 2, result.stderr[-4000:]
+    error = _one_error_line(result)
+    bad = _bad_train_files(str(fixed)) | {os.path.join(fixed, "val", "a", "truncated.jpg")}
+    assert any(repr(path) in error for path in bad) and "bad_images=skip" in error, error
+    assert os.listdir(workdir / "checkpoints") == ["2"]
+    with open(workdir / "results.json") as f:
+        assert json.load(f) == results
+
+
+def _one_error_line(result) -> str:
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in result.stderr, result.stderr[-4000:]
+    return errors[0]
