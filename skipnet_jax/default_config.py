@@ -18,16 +18,22 @@ def get_default_config() -> ml_collections.ConfigDict:
     c.dtype = "float32"  # computation dtype: "float32" | "bfloat16" (params stay float32)
 
     # --- Data ------------------------------------------------------------------
-    c.dataset = "digits"  # "digits" (bundled, no download) or a TFDS image-classification name
+    # "digits" (bundled, no download), a prepared TFDS image-classification name, or the path of
+    # an image folder (root/train/<class>/*.jpg|jpeg|png, root/val/<class>/...; data/folder.py)
+    c.dataset = "digits"
     c.data_dir = ml_collections.config_dict.placeholder(str)  # TFDS data_dir; None = TFDS default (~/tensorflow_datasets)
     c.image_size = 224  # square input resolution in pixels (>= 32)
     c.batch_size = 128  # GLOBAL training batch over all devices and hosts
     c.eval_batch_size = 256  # GLOBAL evaluation batch; the last one is padded and masked
-    c.data = ml_collections.ConfigDict()
-    c.data.train_split = "train"
+    c.data = ml_collections.ConfigDict()  # input-pipeline settings (skipnet_jax/data/pipeline.py)
+    c.data.train_split = "train"  # TFDS split name, or sub-directory of an image folder
+    # split evaluated in full (last batch padded and masked); image folders: "val" = "validation"
     c.data.eval_split = "test"
-    c.data.augment = True  # dataset-appropriate light augmentation on the train split
-    c.data.shuffle_buffer = 10_000  # only used by pipelines that stream rather than index
+    # train-split augmentation: "simple" = pad-and-crop shift (+ flip), "inception" = random-resized
+    # crop + flip (see preprocessing below); False also disables RandAugment
+    c.data.augment = True
+    # accepted but ignored: every pipeline reads examples by index in a per-epoch permutation
+    c.data.shuffle_buffer = 10_000
     # keep decoded examples in memory (small fixed-shape datasets only); ignored (always read
     # lazily) for image folders and variable-size datasets such as imagenet2012
     c.data.cache = True
@@ -62,12 +68,12 @@ def get_default_config() -> ml_collections.ConfigDict:
     c.nesterov = False  # sgd only
     c.rmsprop_decay = 0.9  # rmsprop second-moment decay
     c.rmsprop_eps = 1e-3  # rmsprop epsilon, inside the square root as in TensorFlow
-    c.adam_b1 = 0.9
-    c.adam_b2 = 0.999
-    c.adam_eps = 1e-8
+    c.adam_b1 = 0.9  # adamw first-moment decay
+    c.adam_b2 = 0.999  # adamw second-moment decay
+    c.adam_eps = 1e-8  # adamw epsilon
     c.weight_decay = 4e-5  # on conv/dense kernels only, never on BatchNorm or biases
     c.grad_clip_norm = 0.0  # global-norm clipping; 0 disables
-    c.label_smoothing = 0.0
+    c.label_smoothing = 0.0  # mass moved uniformly onto all classes in the targets; 0 disables
     c.ema_decay = 0.0  # EMA of weights (and BN statistics); eval uses it when > 0
 
     c.schedule = "cosine"  # "cosine" | "exponential" | "step" | "constant" (after warmup)
@@ -75,14 +81,14 @@ def get_default_config() -> ml_collections.ConfigDict:
     c.lr_decay_rate = 0.97  # exponential: factor applied every lr_decay_epochs
     c.lr_decay_epochs = 2.4  # exponential: the period of one decay
     c.lr_step_epochs = (80, 122)  # step: epochs at which the lr is multiplied by lr_step_factor
-    c.lr_step_factor = 0.1
+    c.lr_step_factor = 0.1  # step: lr multiplier applied at each of lr_step_epochs
     c.lr_end_factor = 0.0  # cosine: final lr as a fraction of the peak
 
     # --- Loss ------------------------------------------------------------------
     c.loss = "bias"  # "bias" (the paper's bias loss) | "ce" (plain cross-entropy)
-    c.bias_loss = ml_collections.ConfigDict()
+    c.bias_loss = ml_collections.ConfigDict()  # used when loss == "bias"
     c.bias_loss.alpha = 0.3  # z(v) = exp(alpha * v) - beta
-    c.bias_loss.beta = 0.3
+    c.bias_loss.beta = 0.3  # weights range from 1 - beta (v = 0) to exp(alpha) - beta (v = 1)
     c.bias_loss.mode = "local"  # "local" (batch min-max) | "global" (release: running minimum)
 
     # --- Loop ------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Console progress, TensorBoard scalars and results.json (the loop's only outputs)."""
+"""Console progress, TensorBoard scalars and images, and results.json (the loop's only outputs)."""
 
 from __future__ import annotations
 
@@ -77,6 +77,17 @@ class ProgressReporter:
             for key in ("eval_top1", "eval_top5", "eval_loss"):
                 self._writer.scalar(f"eval/{key[5:]}", metrics[key], step)
             self._writer.flush()
+
+    def write_images(self, step: int, png_paths: dict[str, str]) -> None:
+        """Adds PNG files (e.g. WORKDIR/plots/*.png) to TensorBoard as images ``plots/<name>``."""
+        if not self._writer:
+            return
+        from matplotlib import image as mpimg  # noqa: PLC0415 - only when there are plots
+
+        for name, path in png_paths.items():
+            rgb = (mpimg.imread(path)[..., :3] * 255).round().astype("uint8")
+            self._writer.image(f"plots/{name}", rgb, step)
+        self._writer.flush()
 
     def examples_per_sec(self) -> float:
         """Training throughput after the first (compiling) step; NaN if too few steps ran."""

@@ -25,7 +25,7 @@ import numpy as np
 import optax
 from absl import logging
 
-from skipnet_jax import checkpointing, losses, models, optim, sharding
+from skipnet_jax import checkpointing, losses, models, optim, plots, sharding
 from skipnet_jax.config_validation import ConfigError, check_num_classes
 from skipnet_jax.data import pipeline
 from skipnet_jax.reporting import ProgressReporter, write_results
@@ -33,6 +33,7 @@ from skipnet_jax.reporting import ProgressReporter, write_results
 # Independent RNG streams derived from the seed; dropout folds in the step so a
 # resumed run draws exactly the masks an uninterrupted one would.
 _INIT_STREAM, _DROPOUT_STREAM = 0, 1
+PER_EXAMPLE = "per_example"  # train_step metrics entry with per-example arrays
 
 
 class NonFiniteLossError(RuntimeError):
@@ -182,12 +183,18 @@ def train_step(state: TrainState, batch, *, model, tx, learning_rate_fn, config)
             "variance_min": jnp.min(loss_aux["variance"]),
             "variance_max": jnp.max(loss_aux["variance"]),
             "normalized_variance_mean": jnp.mean(loss_aux["normalized_variance"]),
+            # Per-example values for the variance/weight histograms (B floats each; the
+            # loop keeps them only at a few steps, see `snapshot_steps`).
+            PER_EXAMPLE: {
+                "normalized_variance": loss_aux["normalized_variance"],
+                "weights": loss_aux["weights"],
+            },
         }
     return new_state, metrics
 
 
 def eval_step(state: TrainState, batch, *, model, use_ema: bool) -> dict:
-    """Sums of loss and top-1/top-5 hits over the real (mask = 1) examples of a batch."""
+    """Sums of loss and top-1/top-5 hits, and the confusion matrix, over the real (mask = 1) examples."""
     params, batch_stats = (state.ema_params, state.ema_batch_stats) if use_ema else (state.params, state.batch_stats)
     logits, _ = model.apply({"params": params, "batch_stats": batch_stats}, batch["image"], train=False)
     labels, mask = batch["label"], batch["mask"]
@@ -199,11 +206,16 @@ def eval_step(state: TrainState, batch, *, model, use_ema: bool) -> dict:
         "top1_sum": jnp.sum((top_k[:, 0] == labels) * mask),
         "top5_sum": jnp.sum(jnp.any(top_k == labels[:, None], axis=-1) * mask),
         "count": jnp.sum(mask),
+        # rows: true class, columns: top-1 prediction (int32: exact counts)
+        "confusion": jnp.zeros((logits.shape[-1],) * 2, jnp.int32)
+        .at[labels, top_k[:, 0]]
+        .add(mask.astype(jnp.int32)),
     }
 
 
-def evaluate(jitted_eval_step, state, config, data_sharding) -> dict[str, float]:
-    """Top-1/top-5/loss over the full eval split; padded examples are masked out."""
+def evaluate(jitted_eval_step, state, config, data_sharding) -> tuple[dict[str, float], np.ndarray]:
+    """Top-1/top-5/loss over the full eval split (padded examples masked out) and the
+    ``int64 [C, C]`` confusion matrix (rows: true class)."""
     totals = None
     iterator = pipeline.create_eval_iterator(
         config, process_index=jax.process_index(), process_count=jax.process_count()
@@ -216,12 +228,13 @@ def evaluate(jitted_eval_step, state, config, data_sharding) -> dict[str, float]
         totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
     totals = jax.device_get(totals)
     count = float(totals["count"])
-    return {
+    metrics = {
         "eval_loss": float(totals["loss_sum"]) / max(count, 1.0),
         "eval_top1": float(totals["top1_sum"]) / max(count, 1.0),
         "eval_top5": float(totals["top5_sum"]) / max(count, 1.0),
         "eval_examples": int(count),  # < the split's size only if unreadable files were skipped
     }
+    return metrics, np.asarray(totals["confusion"], np.int64)
 
 
 def _save_config(config, workdir: str) -> None:
@@ -296,6 +309,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     last_metrics: dict[str, float] = {}
     skipped: list[int] = []
     bad_train_files: set[str] = set()
+    wanted_snapshots = snapshot_steps(num_train_steps) if config.loss == "bias" else frozenset()
+    snapshots_path = os.path.join(workdir, plots.SNAPSHOTS_FILE)
+    snapshots = plots.load_snapshots(snapshots_path) if os.path.exists(snapshots_path) else {}
 
     def finish(step_metrics, completed: int) -> None:
         nonlocal last_metrics
@@ -308,6 +324,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             logging.warning("%s; skipped that batch (skip_nonfinite_steps=True)", message)
             skipped.append(completed - 1)
             return
+        per_example = metrics.pop(PER_EXAMPLE, None)
+        if completed in wanted_snapshots and is_chief:
+            snapshots[completed] = {k: np.asarray(v) for k, v in per_example.items()}
+            plots.save_snapshots(snapshots_path, snapshots)  # atomic; survives a restart
         last_metrics = {k: float(np.asarray(v)) for k, v in metrics.items() if k != "finite"}
         reporter.record(completed, last_metrics)
 
@@ -333,12 +353,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 logging.warning("Preempted: checkpoint at step %d is saved; rerun the same command to resume.", completed)
                 raise Preempted(completed)
             if config.eval_every_steps and completed % config.eval_every_steps == 0 and completed != num_train_steps:
-                reporter.write_eval(completed, evaluate(jitted_eval_step, state, config, data_sharding))
+                reporter.write_eval(completed, evaluate(jitted_eval_step, state, config, data_sharding)[0])
         if pending is not None:
             finish(pending, num_train_steps)
         manager.wait_until_finished()
 
-    eval_metrics = evaluate(jitted_eval_step, state, config, data_sharding)
+    eval_metrics, confusion = evaluate(jitted_eval_step, state, config, data_sharding)
     reporter.write_eval(num_train_steps, eval_metrics)
     results = {
         **eval_metrics,
@@ -364,10 +384,33 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     }
     if is_chief:
         write_results(workdir, results)
+        _write_plots(workdir, reporter, num_train_steps, snapshots, confusion, info.class_names)
     reporter.close()
     manager.close()
     logging.info("Results: %s", json.dumps(results, sort_keys=True))
     return results
+
+
+def snapshot_steps(num_train_steps: int) -> frozenset[int]:
+    """Steps whose per-example bias-loss statistics are kept for the histograms:
+    the first, 1/4, 1/2, 3/4 of the way, and the last."""
+    return frozenset(max(1, round(num_train_steps * f)) for f in (0.0, 0.25, 0.5, 0.75, 1.0))
+
+
+def _write_plots(workdir, reporter, step, snapshots, confusion, class_names) -> None:
+    """WORKDIR/plots/*.png and the same images in TensorBoard.
+
+    A figure that fails to draw is logged, never fatal: results.json and the
+    checkpoints are already written.
+    """
+    try:
+        names = class_names if len(class_names) == len(confusion) else None
+        written = plots.save_all(workdir, snapshots=snapshots or None, confusion=confusion, class_names=names)
+    except Exception:  # noqa: BLE001 - plotting must not fail a finished run
+        logging.exception("Could not write the plots to %s", os.path.join(workdir, plots.PLOTS_SUBDIR))
+        return
+    reporter.write_images(step, written)
+    logging.info("Plots: %s", ", ".join(sorted(written.values())))
 
 
 @contextlib.contextmanager

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
+import torch  # noqa: E402 - the test extra installs it; a missing install must fail, not skip
 
 from skipnet_jax.losses import bias_loss, init_bias_loss_state  # noqa: E402
 from skipnet_jax.reference.torch_bias_loss import TorchBiasLoss  # noqa: E402

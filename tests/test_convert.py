@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
+import torch  # noqa: E402 - the test extra installs it; a missing install must fail, not skip
 
 from skipnet_jax import convert  # noqa: E402
 from skipnet_jax.models import create_model  # noqa: E402

@@ -422,6 +422,27 @@ def test_cli_imagenet_m_on_image_folder(image_folder, tmp_path):
     assert saved["learning_rate"] == pytest.approx(0.016 * 4 / 256)  # scaled with the batch
 
 
+def test_cli_imagenet_m_on_tfds_imagenet2012_manual_dir(imagenet_manual_dir, tmp_path):
+    """configs/imagenet_m.py as documented: the first run prepares imagenet2012 from the
+    official tars in --config.data.manual_dir, trains 2 steps and evaluates the full split."""
+    workdir = tmp_path / "run"
+    result = _cli(
+        workdir,
+        f"--config.data_dir={tmp_path / 'tfds'}",
+        f"--config.data.manual_dir={imagenet_manual_dir}",
+        "--config.image_size=64",
+        "--config.batch_size=4",
+        "--config.eval_batch_size=4",
+        "--config.num_train_steps=2",
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    with open(workdir / "results.json") as f:
+        results = json.load(f)
+    assert results["steps"] == 2 and results["eval_examples"] == 6 and results["dataset"] == "imagenet2012"
+    assert np.isfinite([results["train_loss"], results["eval_loss"], results["params_global_norm"]]).all()
+    assert os.path.isdir(tmp_path / "tfds" / "imagenet2012")
+
+
 def test_folder_config_object_roundtrip(image_folder):
     """The pipeline reads a plain ConfigDict without the new data fields (old configs)."""
     config = ml_collections.ConfigDict(_config(image_folder).to_dict())

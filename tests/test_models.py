@@ -573,8 +573,10 @@ def test_matches_torch_reference_m_224():
     """Flax SkipNet-M loaded from the project's independent PyTorch reference
     (skipnet_jax/reference/torch_skipnet.py, whose state_dict has the release layout)
     gives the same logits and bias-loss features at 224 px, eval mode."""
-    torch = pytest.importorskip("torch")
-    ref = pytest.importorskip("skipnet_jax.reference.torch_skipnet")
+    import torch
+
+    from skipnet_jax.reference import torch_skipnet as ref
+
     net = ref.randomize_(ref.TorchSkipNet("large", 1.0), seed=0).eval()
     shapes = _load_state_dict_shapes()
     assert {k: list(v.shape) for k, v in net.state_dict().items()} == shapes
@@ -586,8 +588,10 @@ def test_matches_torch_reference_m_224():
 
 def test_matches_torch_reference_xs_non_divisible(xs_apply):
     """SkipNet-XS (stem width 8) at 100x75, where the skip pooling bins do not divide."""
-    torch = pytest.importorskip("torch")
-    ref = pytest.importorskip("skipnet_jax.reference.torch_skipnet")
+    import torch
+
+    from skipnet_jax.reference import torch_skipnet as ref
+
     net = ref.randomize_(ref.TorchSkipNet("small", 0.5, num_classes=10), seed=1,
                          calibration_size=96).eval()
     variables = _torch_state_dict_to_flax(net.state_dict())

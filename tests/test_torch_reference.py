@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
+import torch  # noqa: E402 - the test extra installs it; a missing install must fail, not skip
 
 from torch import nn  # noqa: E402
 from torch.nn import functional as F  # noqa: E402

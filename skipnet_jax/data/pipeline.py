@@ -475,15 +475,41 @@ def _open_source(config, split: str) -> _Source:
     builder = _builder(config)
     image_shape = builder.info.features["image"].shape
     if mode == "auto":
-        large = None in image_shape or max(image_shape[:2]) > _SMALL_IMAGE_SIDE
-        is_imagenet = preprocess.base_name(config.dataset) in _MANUAL_FILES
-        mode = "inception" if large or is_imagenet else "simple"
+        mode = _auto_preprocessing(config.dataset, image_shape)
     # Variable-size images cannot be stacked into one in-memory array.
     cache = config.data.cache and None not in image_shape
     if config.data.cache and not cache:
         logging.info("%s has variable-size images: reading lazily (cache ignored)", builder.name)
     source = _open_split(builder, split, cache, encoded=mode == "inception" and not cache)
     return dataclasses.replace(source, preprocessing=mode)
+
+
+def _auto_preprocessing(dataset: str, image_shape) -> str:
+    large = None in image_shape or max(image_shape[:2]) > _SMALL_IMAGE_SIDE
+    is_imagenet = preprocess.base_name(dataset) in _MANUAL_FILES
+    return "inception" if large or is_imagenet else "simple"
+
+
+def eval_preprocessing(config) -> tuple[str, preprocess.Stats, preprocess.Stats]:
+    """``(mode, mean, std)`` with which the eval split of ``config.dataset`` is prepared.
+
+    For code that preprocesses single images the way evaluation does (predict,
+    export checks).  Reads dataset metadata only: the data need not be prepared.
+    """
+    _check_data_config(config)
+    mode = config.data.get("preprocessing", "auto")
+    if mode == "auto":
+        if _is_folder(config):
+            mode = "inception"
+        else:
+            _configure_tensorflow()
+            try:
+                builder = tfds.builder(config.dataset, data_dir=config.data_dir)
+            except tfds.core.registered.DatasetNotFoundError as err:
+                raise ValueError(_unknown_dataset_message(config.dataset)) from err
+            mode = _auto_preprocessing(config.dataset, builder.info.features["image"].shape)
+    mean, std = _normalization(config, mode)
+    return mode, mean, std
 
 
 def _folder_source(name: str, split: str, mode: str) -> _Source:

@@ -1,0 +1,467 @@
+"""Evaluate a training workdir's latest checkpoint, or a converted checkpoint, on the full eval split.
+
+Command line::
+
+    python -m skipnet_jax.evaluate --workdir DIR [--config CONFIG] [--config.KEY=VALUE ...]
+
+``DIR`` is either
+
+* a training workdir (``DIR/checkpoints/<step>``): the newest readable checkpoint is
+  restored with `checkpointing.restore_latest`; the config is ``DIR/config.json`` unless
+  ``--config`` names a config file; the EMA weights are used when the run kept them
+  (``ema_decay > 0``), exactly as the training loop's evaluation does; or
+* a directory written by ``python -m skipnet_jax.convert`` (``DIR/model.json``): the
+  model and class count come from ``model.json``, everything else (dataset, image size,
+  batch size) from ``--config`` (default: `default_config`).
+
+``--config.KEY=VALUE`` overrides apply on top of either (e.g. ``--config.data_dir=...``
+or ``--config.eval_batch_size=64``).  The evaluation is `train.evaluate` over
+`train.eval_step` (top-1, top-5, cross-entropy and the confusion matrix over every
+example, the last batch padded and masked).
+
+Writes ``DIR/eval_results.json`` (never ``results.json``) with ``eval_top1``,
+``eval_top5``, ``eval_loss``, ``eval_examples``, ``per_class_accuracy``,
+``confusion_matrix`` (rows: true class), ``class_names`` and where the weights came
+from, and ``DIR/plots/confusion_matrix.png``.  Problems (no checkpoint, a config that
+does not fit the checkpoint, a missing dataset) end with one ``error: ...`` line and
+exit status 2.
+
+`load_model` (used by `predict` and `export` too) returns the model with the weights
+that evaluation uses.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+import sys
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from skipnet_jax import checkpointing, convert, optim, sharding, train
+from skipnet_jax.config_validation import ConfigError, check_num_classes
+from skipnet_jax.data import pipeline
+from skipnet_jax.default_config import get_default_config
+
+EVAL_RESULTS_FILE = "eval_results.json"
+CONFIG_FILE = "config.json"
+
+__all__ = [
+    "LoadedModel",
+    "is_converted_dir",
+    "load_config",
+    "load_model",
+    "evaluate_model",
+    "evaluate_workdir",
+    "main",
+]
+
+
+@dataclasses.dataclass
+class LoadedModel:
+    """A model with the weights its evaluation uses.
+
+    ``variables`` is ``{"params", "batch_stats"}``: the EMA weights when the run kept
+    them (``use_ema``), else the trained (or converted) ones.
+    """
+
+    model: Any
+    variables: dict[str, Any]
+    config: ml_collections.ConfigDict
+    num_classes: int
+    kind: str  # "checkpoint" or "converted"
+    source: str  # the checkpoint (or converter) directory
+    step: int | None
+    use_ema: bool
+    class_names: tuple[str, ...] | None = None
+
+    def eval_state(self) -> train.TrainState:
+        """A `train.TrainState` holding only what `train.eval_step` reads (``use_ema=False``)."""
+        return train.TrainState(
+            step=jnp.asarray(self.step or 0, jnp.int32),
+            params=self.variables["params"],
+            batch_stats=self.variables["batch_stats"],
+            opt_state={},
+            ema_params={},
+            ema_batch_stats={},
+            loss_state={},
+        )
+
+    @functools.cached_property
+    def _jitted_logits(self):
+        model = self.model
+
+        def logits(variables, images):
+            return model.apply(variables, images, train=False)[0]
+
+        return jax.jit(logits)
+
+    def logits(self, images: np.ndarray) -> np.ndarray:
+        """float32 ``[N, num_classes]`` logits of preprocessed ``[N, S, S, 3]`` images (eval mode)."""
+        return np.asarray(self._jitted_logits(self.variables, jnp.asarray(images, jnp.float32)))
+
+
+def is_converted_dir(directory: str) -> bool:
+    """True for a directory written by ``python -m skipnet_jax.convert`` (it has model.json)."""
+    return os.path.isfile(os.path.join(directory, convert.META_FILE))
+
+
+def _as_config_value(value: Any) -> Any:
+    if isinstance(value, list):  # JSON has no tuples; config sequences are tuples
+        return tuple(_as_config_value(v) for v in value)
+    return value
+
+
+def _update_from_json(config: ml_collections.ConfigDict, values: dict, prefix: str = "") -> None:
+    for key, value in values.items():
+        name = f"{prefix}{key}"
+        if key not in config:
+            raise ConfigError(f"{CONFIG_FILE} has key '{name}', which this version does not define "
+                              "(see skipnet_jax/default_config.py); pass --config instead")
+        if isinstance(config[key], ml_collections.ConfigDict) and isinstance(value, dict):
+            _update_from_json(config[key], value, f"{name}.")
+        else:
+            try:
+                config[key] = _as_config_value(value)
+            except TypeError as e:
+                raise ConfigError(f"{CONFIG_FILE}: config.{name}={value!r} does not fit the field: {e}") from None
+
+
+def config_from_json(path: str) -> ml_collections.ConfigDict:
+    """The config a training run saved (``WORKDIR/config.json``) on top of the defaults."""
+    try:
+        with open(path) as f:
+            values = json.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"{path} is missing; pass --config with the config the run was trained with") from None
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"cannot read {path}: {str(e).splitlines()[0]}") from None
+    config = get_default_config()
+    _update_from_json(config, values)
+    return config
+
+
+def load_config(workdir: str) -> ml_collections.ConfigDict:
+    """The default config of `workdir`: its config.json, or for a converted dir the defaults
+    with ``model`` and ``num_classes`` from model.json."""
+    if is_converted_dir(workdir):
+        meta = _read_meta(workdir)
+        config = get_default_config()
+        config.model = meta["model"]
+        config.num_classes = int(meta["num_classes"])
+        return config
+    return config_from_json(os.path.join(workdir, CONFIG_FILE))
+
+
+def _read_meta(directory: str) -> dict:
+    path = os.path.join(directory, convert.META_FILE)
+    try:
+        with open(path) as f:
+            meta = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"cannot read {path}: {str(e).splitlines()[0]}") from None
+    if not isinstance(meta, dict) or not {"model", "num_classes"} <= set(meta):
+        raise ConfigError(f"{path} must hold 'model' and 'num_classes'")
+    return meta
+
+
+def dataset_class_names(config: ml_collections.ConfigDict, num_classes: int) -> tuple[str, ...] | None:
+    """Class names of ``config.dataset`` when they can be had without its data (else None)."""
+    try:
+        names = tuple(pipeline.get_dataset_info(config).class_names)
+    except Exception:  # noqa: BLE001 - e.g. ImageNet not prepared: TFDS still knows the names
+        try:
+            import tensorflow_datasets as tfds
+
+            names = tuple(tfds.builder(config.dataset, data_dir=config.data_dir).info.features["label"].names)
+        except Exception:  # noqa: BLE001 - no names: callers show class indices
+            return None
+    return names if len(names) == num_classes else None
+
+
+def load_model(workdir: str, config: ml_collections.ConfigDict | None = None) -> LoadedModel:
+    """The model of a training workdir (latest checkpoint) or converted dir, with its eval weights.
+
+    `config` defaults to `load_config(workdir)`.  For a training workdir the dataset's
+    metadata is read (it decides the class count and the optimiser-state shapes that
+    the checkpoint is restored into).  Raises `ConfigError` with a one-line message.
+    """
+    workdir = os.path.abspath(workdir)
+    if not os.path.isdir(workdir):
+        raise ConfigError(f"--workdir {workdir} is not a directory")
+    config = (load_config(workdir) if config is None else config).copy_and_resolve_references()
+    config.unlock()
+    if is_converted_dir(workdir):
+        return _load_converted(workdir, config)
+    return _load_checkpoint(workdir, config)
+
+
+def _load_converted(workdir: str, config: ml_collections.ConfigDict) -> LoadedModel:
+    meta = _read_meta(workdir)
+    if config.model != meta["model"]:
+        raise ConfigError(f"config.model={config.model!r} but {workdir} holds {meta['model']!r}; "
+                          f"leave config.model at {meta['model']!r}")
+    try:
+        variables, meta = convert.load_variables(workdir)
+    except convert.ConversionError as e:
+        raise ConfigError(str(e)) from None
+    num_classes = int(meta["num_classes"])
+    if config.num_classes not in (-1, num_classes):
+        raise ConfigError(f"config.num_classes={config.num_classes} but {workdir} holds {num_classes} classes")
+    config.num_classes = num_classes
+    variables = {k: jax.tree.map(jnp.asarray, dict(variables.get(k, {}))) for k in ("params", "batch_stats")}
+    return LoadedModel(
+        model=train.create_model(config, num_classes),
+        variables=variables,
+        config=config,
+        num_classes=num_classes,
+        kind="converted",
+        source=workdir,
+        step=None,
+        use_ema=False,
+        class_names=dataset_class_names(config, num_classes),
+    )
+
+
+def _load_checkpoint(workdir: str, config: ml_collections.ConfigDict) -> LoadedModel:
+    ckpt_dir = checkpointing.checkpoint_dir(workdir)
+    if not os.path.isdir(ckpt_dir) or not any(name.isdigit() for name in os.listdir(ckpt_dir)):
+        raise ConfigError(f"{workdir} has no checkpoint ({ckpt_dir}/<step>) and no {convert.META_FILE}: "
+                          "pass a training workdir or a `skipnet_jax.convert` output directory")
+    try:
+        info = pipeline.get_dataset_info(config)
+    except ValueError as e:
+        raise ConfigError(str(e).splitlines()[0]) from None
+    num_classes = check_num_classes(config, info.num_classes)
+    steps_per_epoch, num_train_steps = optim.steps_for(config, info.num_train_examples)
+    model = train.create_model(config, num_classes)
+    tx = optim.create_optimizer(config, optim.create_learning_rate_fn(config, steps_per_epoch, num_train_steps))
+    replicated = sharding.replicated(sharding.create_mesh())
+    abstract_state = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
+        jax.eval_shape(functools.partial(train.create_train_state, config, model, tx)),
+    )
+    manager = checkpointing.create_manager(workdir, keep=config.keep_checkpoints)
+    try:
+        state = checkpointing.restore_latest(manager, abstract_state)
+    except checkpointing.CheckpointMismatchError as e:
+        raise ConfigError(str(e)) from None
+    finally:
+        manager.close()
+    if state is None:
+        raise ConfigError(f"no readable checkpoint in {ckpt_dir}")
+    use_ema = config.ema_decay > 0 and bool(jax.tree.leaves(state.ema_params))
+    params, batch_stats = (state.ema_params, state.ema_batch_stats) if use_ema else (state.params, state.batch_stats)
+    step = int(state.step)
+    return LoadedModel(
+        model=model,
+        variables={"params": params, "batch_stats": batch_stats},
+        config=config,
+        num_classes=num_classes,
+        kind="checkpoint",
+        source=os.path.join(ckpt_dir, str(step)),
+        step=step,
+        use_ema=use_ema,
+        class_names=tuple(info.class_names) if len(info.class_names) == num_classes else None,
+    )
+
+
+def evaluate_model(loaded: LoadedModel) -> dict[str, Any]:
+    """`train.evaluate` of `loaded` on ``config.data.eval_split``, plus per-class accuracy."""
+    if jax.process_count() > 1:
+        raise ConfigError("skipnet_jax.evaluate runs in a single process")
+    config = loaded.config
+    try:
+        info = pipeline.get_dataset_info(config)
+    except ValueError as e:  # unknown dataset, data not prepared
+        raise ConfigError(str(e).splitlines()[0]) from None
+    if info.num_classes != loaded.num_classes:
+        raise ConfigError(
+            f"the model has {loaded.num_classes} classes but config.dataset={config.dataset!r} has "
+            f"{info.num_classes}; choose the dataset it was trained on (--config FILE or --config.dataset=...)"
+        )
+    mesh = sharding.create_mesh()
+    replicated, data_sharding = sharding.replicated(mesh), sharding.batch_sharded(mesh)
+    jitted = jax.jit(
+        functools.partial(train.eval_step, model=loaded.model, use_ema=False),
+        in_shardings=(replicated, data_sharding),
+        out_shardings=replicated,
+    )
+    state = jax.device_put(loaded.eval_state(), replicated)
+    try:
+        metrics, matrix = train.evaluate(jitted, state, config, data_sharding)
+    except ValueError as e:  # e.g. a dataset that is not prepared
+        raise ConfigError(str(e).splitlines()[0]) from None
+    totals = matrix.sum(axis=1)
+    per_class = np.where(totals > 0, np.diag(matrix) / np.maximum(totals, 1), np.nan)
+    return {
+        **metrics,
+        "per_class_accuracy": [None if np.isnan(a) else float(a) for a in per_class],
+        "confusion_matrix": matrix.tolist(),
+    }
+
+
+def _write_json(path: str, data: dict) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=2, sort_keys=True)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def evaluate_workdir(workdir: str, config: ml_collections.ConfigDict | None = None) -> dict[str, Any]:
+    """What the CLI does: load, evaluate, write ``eval_results.json`` and the confusion-matrix plot."""
+    from skipnet_jax import plots
+
+    start = time.time()
+    loaded = load_model(workdir, config)
+    config = loaded.config
+    results = evaluate_model(loaded)
+    class_names = list(loaded.class_names) if loaded.class_names else [str(i) for i in range(loaded.num_classes)]
+    results |= {
+        "class_names": class_names,
+        "model": config.model,
+        "dataset": config.dataset,
+        "eval_split": config.data.eval_split,
+        "image_size": config.image_size,
+        "weights": loaded.kind,
+        "source": loaded.source,
+        "step": loaded.step,
+        "used_ema": loaded.use_ema,
+        "wall_seconds": time.time() - start,
+    }
+    workdir = os.path.abspath(workdir)
+    _write_json(os.path.join(workdir, EVAL_RESULTS_FILE), results)
+    fig = plots.confusion_matrix_figure(
+        np.asarray(results["confusion_matrix"]), class_names,
+        title=(f"{config.model} on {config.dataset}:{config.data.eval_split} "
+               f"(top-1 {results['eval_top1']:.4f}, {results['eval_examples']} examples)"),
+    )
+    plots.save_figure(fig, os.path.join(workdir, plots.PLOTS_SUBDIR, "confusion_matrix.png"))
+    return results
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def fail(message: str) -> None:
+    """Prints `error: message` on stderr and exits with status 2 (the CLIs' one-line errors)."""
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def _flag_value(argv: list[str], name: str) -> str | None:
+    for i, arg in enumerate(argv):
+        if arg == f"--{name}" and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith(f"--{name}="):
+            return arg.split("=", 1)[1]
+    return None
+
+
+def define_workdir_flags(argv: list[str], workdir_help: str) -> None:
+    """Defines ``--workdir`` and ``--config`` (+ ``--config.KEY=VALUE`` overrides).
+
+    ``--config FILE`` loads a config file; without it the overrides apply to
+    `load_config(--workdir)` (config.json or the converted dir's model.json), which is
+    why the workdir is looked up in `argv` before the flags are parsed.
+    """
+    from absl import flags
+    from ml_collections import config_flags
+
+    flags.DEFINE_string("workdir", None, workdir_help)
+    flags.mark_flag_as_required("workdir")
+    has_file = any(a == "--config" or a.startswith("--config=") for a in argv[1:])
+    workdir = _flag_value(argv[1:], "workdir")
+    if has_file or workdir is None:
+        config_flags.DEFINE_config_file("config", None, "Config file (default: the workdir's own).",
+                                        lock_config=True)
+        return
+    try:
+        base = load_config(workdir)
+    except ConfigError as e:
+        fail(str(e))
+    try:  # config_flags applies the --config.KEY=VALUE overrides of argv here already
+        config_flags.DEFINE_config_dict("config", base, "The workdir's config; override fields with "
+                                        "--config.KEY=VALUE.", lock_config=True)
+    except (AttributeError, KeyError) as e:
+        from skipnet_jax import config_validation
+
+        fail(config_validation.describe_unknown_override(argv) or f"invalid --config override: {e}")
+    except (TypeError, ValueError) as e:
+        fail(f"invalid --config override: {e}")
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's parser with every bad flag reported as one line (no traceback)."""
+    from absl import flags
+
+    from skipnet_jax import config_validation
+
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as e:
+        fail(str(e).splitlines()[0])
+    except (AttributeError, KeyError) as e:
+        fail(config_validation.describe_unknown_override(argv) or f"invalid --config override: {e}")
+    except (TypeError, ValueError) as e:
+        fail(f"invalid --config override: {e}")
+
+
+def config_from_flags() -> ml_collections.ConfigDict | None:
+    """The parsed config, validated; None means "the workdir's own"."""
+    from absl import flags
+
+    from skipnet_jax import config_validation, models
+
+    config = flags.FLAGS.config
+    if config is None:
+        return None
+    if is_converted_dir(flags.FLAGS.workdir):
+        config = ml_collections.ConfigDict(config)
+        config.model = _read_meta(flags.FLAGS.workdir)["model"]  # the weights decide the model
+    config_validation.validate_config(config, device_count=jax.device_count(), model_names=models.list_models())
+    return config
+
+
+def quiet_libraries() -> None:
+    """Only warnings from other libraries (orbax logs every file operation at INFO)."""
+    from absl import logging
+
+    logging.set_verbosity(logging.WARNING)
+
+
+def main(argv: list[str]) -> None:
+    from absl import flags
+
+    if len(argv) > 1:
+        fail(f"unexpected arguments {argv[1:]}; settings are passed as --config.KEY=VALUE")
+    quiet_libraries()
+    try:
+        results = evaluate_workdir(flags.FLAGS.workdir, config_from_flags())
+    except (ConfigError, OSError) as e:
+        fail(str(e))
+    print(f"{results['model']} ({results['weights']}{', step ' + str(results['step']) if results['step'] is not None else ''}"
+          f"{', EMA' if results['used_ema'] else ''}) on {results['dataset']}:{results['eval_split']}")
+    print(f"  top-1  {results['eval_top1']:.4f}")
+    print(f"  top-5  {results['eval_top5']:.4f}")
+    print(f"  loss   {results['eval_loss']:.4f}")
+    print(f"  examples {results['eval_examples']}")
+    workdir = os.path.abspath(flags.FLAGS.workdir)
+    print(f"wrote {os.path.join(workdir, EVAL_RESULTS_FILE)} and "
+          f"{os.path.join(workdir, 'plots', 'confusion_matrix.png')}")
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    from absl import app
+
+    define_workdir_flags(sys.argv, "Training workdir (checkpoints/) or `skipnet_jax.convert` output (model.json).")
+    app.run(main, flags_parser=parse_flags)
