@@ -1,0 +1,90 @@
+"""CPU-specific formulations in skipnet_jax/models/layers.py equal the plain ones.
+
+* `Conv(impl="dot")` (1x1 convolutions as one matrix product; k x k via im2col) vs
+  `Conv(impl="lax")` (`lax.conv_general_dilated`);
+* `BatchNorm` (train mode: closed-form statistics and VJP, `_batch_norm_train`) vs
+  `flax.linen.BatchNorm`;
+values and gradients (input and parameters), stride 1 and 2, odd sizes; the running
+statistics too.  (The depthwise "shift" kernel with its hand-written VJP is compared
+with lax's grouped convolution in tests/test_models.py::test_depthwise_shift_matches_lax.)
+"""
+
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from skipnet_jax.models import layers as L
+
+
+def _value_and_grads(module, variables, x, **kwargs):
+    def loss(params, x):
+        y = module.apply({**variables, "params": params}, x, **kwargs)
+        y = y[0] if isinstance(y, tuple) else y
+        return jnp.sum(jnp.sin(y) * jnp.linspace(0.5, 1.5, y.size).reshape(y.shape)), y
+
+    (_, y), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))(variables["params"], x)
+    return y, grads
+
+
+@pytest.mark.parametrize("kernel_size", [1, 3])
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("hw", [(7, 7), (8, 6), (9, 5)])
+def test_conv_dot_matches_lax(kernel_size, stride, hw):
+    x = jax.random.normal(jax.random.key(0), (2, *hw, 6))
+    convs = {impl: L.Conv(10, kernel_size, stride, impl=impl) for impl in ("lax", "dot")}
+    variables = convs["lax"].init(jax.random.key(1), x)
+    (y_lax, g_lax), (y_dot, g_dot) = (_value_and_grads(convs[i], variables, x) for i in ("lax", "dot"))
+    expected_hw = tuple(-(-n // stride) for n in hw)  # PyTorch padding (k-1)//2
+    assert y_lax.shape == y_dot.shape == (2, *expected_hw, 10)
+    np.testing.assert_allclose(y_dot, y_lax, rtol=1e-5, atol=1e-5)
+    chex.assert_trees_all_close(g_dot, g_lax, rtol=1e-5, atol=1e-5)
+
+
+def test_conv_params_equal_flax_conv_and_auto_impl():
+    """Same parameter tree as nn.Conv(use_bias=False) (the converter relies on it)."""
+    x = jnp.ones((1, 5, 5, 4))
+    ours = L.Conv(8, 3).init(jax.random.key(0), x)
+    flax_conv = nn.Conv(8, (3, 3), use_bias=False).init(jax.random.key(0), x)
+    assert jax.tree.map(jnp.shape, ours) == jax.tree.map(jnp.shape, flax_conv)
+    expected = "dot" if jax.default_backend() == "cpu" else "lax"
+    assert L.resolve_conv_impl("auto", (1, 1)) == expected and L.resolve_conv_impl("auto", (3, 3)) == "lax"
+    with pytest.raises(ValueError, match="valid choices: auto, lax, dot"):
+        L.resolve_conv_impl("fft", (1, 1))
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("shape", [(4, 7, 5, 6), (2, 3, 3, 16)])
+def test_batch_norm_train_matches_flax(shape, dtype):
+    x = (3.0 + 2.0 * jax.random.normal(jax.random.key(0), shape)).astype(dtype)
+    kwargs = dict(use_running_average=False, momentum=0.9, epsilon=1e-3, dtype=dtype)
+    ours, reference = L.BatchNorm(**kwargs), nn.BatchNorm(**kwargs)
+    variables = reference.init(jax.random.key(1), x)
+    params = {
+        "scale": 1.0 + 0.3 * jax.random.normal(jax.random.key(2), (shape[-1],)),
+        "bias": 0.2 * jax.random.normal(jax.random.key(3), (shape[-1],)),
+    }
+    variables = {**variables, "params": params}
+    results = {}
+    for name, module in (("ours", ours), ("flax", reference)):
+        (y, grads) = _value_and_grads(module, variables, x, mutable=["batch_stats"])
+        _, updated = jax.jit(lambda v, x, m=module: m.apply(v, x, mutable=["batch_stats"]))(variables, x)
+        results[name] = (y, grads, updated["batch_stats"])
+    (y, grads, stats), (y_ref, grads_ref, stats_ref) = results["ours"], results["flax"]
+    tol = 1e-5 if dtype == jnp.float32 else 2e-2
+    assert y.dtype == y_ref.dtype == dtype
+    np.testing.assert_allclose(np.asarray(y, np.float32), np.asarray(y_ref, np.float32), rtol=tol, atol=tol)
+    chex.assert_trees_all_close(grads, grads_ref, rtol=tol, atol=tol)
+    chex.assert_trees_all_close(stats, stats_ref, rtol=1e-5, atol=1e-6)
+
+
+def test_batch_norm_eval_and_init_are_flax():
+    x = jax.random.normal(jax.random.key(0), (2, 4, 4, 3))
+    ours, reference = L.BatchNorm(use_running_average=True), nn.BatchNorm(use_running_average=True)
+    variables = reference.init(jax.random.key(1), x)
+    assert jax.tree.map(jnp.shape, ours.init(jax.random.key(1), x)) == jax.tree.map(jnp.shape, variables)
+    stats = {"mean": jnp.arange(3.0), "var": jnp.array([0.5, 1.0, 2.0])}
+    variables = {**variables, "batch_stats": stats}
+    np.testing.assert_allclose(ours.apply(variables, x), reference.apply(variables, x), rtol=1e-6, atol=1e-6)
