@@ -1,0 +1,508 @@
+"""Throughput of the compiled train / eval steps, optionally against the PyTorch reference.
+
+Command line::
+
+    python -m skipnet_jax.benchmark --model skipnet_m --batch_size 32 --image_size 224 --mode train
+        [--dtype float32|bfloat16] [--loss bias|ce] [--steps K] [--warmup W] [--rounds R]
+        [--json] [--compare torch] [--compare_loss]
+
+What is timed is exactly what training and evaluation run: the real
+:func:`skipnet_jax.train.train_step` / :func:`skipnet_jax.train.eval_step`, jitted over
+the same one-axis ``NamedSharding`` mesh with the same shardings and buffer donation as
+:func:`skipnet_jax.train.train_and_evaluate`, on the default config (SGD with momentum 0.9,
+weight decay 4e-5, cosine schedule, dropout 0.2, bias loss unless ``--loss ce``) with
+1000 classes.  The input is one fixed batch of random images (``N(0, 1)``, already
+normalised) and random labels, resident on the device, so the input pipeline is not part
+of the measurement (see :mod:`skipnet_jax.input_benchmark` for that).
+
+Measurement:
+
+* ``compile_s``: the XLA compile of the step alone (``jitted.lower(...).compile()``);
+  tracing + lowering to StableHLO is ``lower_s``.  The persistent compilation cache is
+  switched off so the figure is a real compile.
+* Every side (JAX, and with ``--compare`` / ``--compare_loss`` the others) first runs
+  ``--warmup`` untimed steps; then ``--rounds`` rounds of ``--steps`` steps are timed,
+  the sides *alternating* round by round (A B A B ...), each round ending with
+  ``block_until_ready`` (JAX) so the clock covers finished work.  The reported step time
+  of a side is the median over its rounds; img/s = batch / step time.  Alternating
+  rounds spread slow phases of a shared machine over both sides.
+* ``peak_rss_mb``: the process's peak resident memory (``getrusage`` ``ru_maxrss``)
+  after the JAX side was compiled and warmed up (``peak_rss_jax_mb``) and at the end
+  (``peak_rss_mb``, includes PyTorch when compared).
+
+``--compare torch`` times the in-tree PyTorch SkipNet
+(:mod:`skipnet_jax.reference.torch_skipnet`, NCHW, eager) on the same sizes: train =
+``model.train()``, forward, cross-entropy (or the release bias loss of
+:mod:`skipnet_jax.reference.torch_bias_loss` with ``--loss bias``, same alpha/beta/mode),
+backward and an SGD step (momentum 0.9, weight decay 4e-5 on conv/linear weights only,
+like the JAX optimiser); eval = ``model.eval()`` forward under ``torch.no_grad()``.
+``ratio`` = JAX img/s / PyTorch img/s.  Only ``skipnet_*`` models have a PyTorch
+counterpart.
+
+``--compare_loss`` (train only) times the JAX train step with bias loss and with plain
+cross-entropy, alternating, and reports ``bias_overhead_pct`` = 100 * (t_bias / t_ce - 1).
+
+``--json`` prints one JSON object (and nothing else on stdout); bad arguments end with
+one ``error: ...`` line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import ctypes.util
+import json
+import os
+import platform
+import resource
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+# TensorFlow (imported by the data package) prints C++ start-up notices unless told not to.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+NUM_CLASSES = 1000
+# skipnet_jax model name -> variant key of skipnet_jax.reference.torch_skipnet.VARIANTS
+TORCH_VARIANTS = {"skipnet_xs": "xs", "skipnet_s": "s", "skipnet_m": "m", "skipnet_l": "l"}
+_STEPS_PER_EPOCH = 1000  # only shapes the (cosine) learning-rate schedule
+_NUM_TRAIN_STEPS = 100_000
+
+
+class BenchmarkError(Exception):
+    """A bad request (reported as one line, exit code 2)."""
+
+
+def _fail(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # argparse would print the usage too
+        _fail(message)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = _OneLineParser(
+        prog="python -m skipnet_jax.benchmark",
+        description="Throughput of the compiled train/eval step (see the module docstring).",
+    )
+    p.add_argument("--model", default="skipnet_m", help="registered model name")
+    p.add_argument("--batch_size", type=int, default=32)
+    p.add_argument("--image_size", type=int, default=224)
+    p.add_argument("--mode", choices=("train", "eval"), default="train")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    p.add_argument("--loss", choices=("bias", "ce"), default="bias")
+    p.add_argument("--steps", type=int, default=10, help="timed steps per round")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps per side before the rounds")
+    p.add_argument("--rounds", type=int, default=5, help="timed rounds per side (alternating)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--compare", choices=("torch",), default=None, help="also time the PyTorch reference")
+    p.add_argument("--compare_loss", action="store_true", help="train: bias loss vs cross-entropy overhead")
+    p.add_argument(
+        "--torch_threads", type=int, default=0, help="torch.set_num_threads for --compare torch (0: torch's default)"
+    )
+    p.add_argument(
+        "--malloc",
+        choices=("system", "tuned"),
+        default="system",
+        help="tuned: glibc mallopt (one arena, no mmap, no trimming) before anything starts, so freed "
+        "activation buffers are reused instead of page-faulted in again every step (both sides)",
+    )
+    p.add_argument("--seed", type=int, default=0)
+    return p
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def peak_rss_mb() -> float:
+    """Peak resident set size of this process in MiB (ru_maxrss is KiB on Linux, bytes on macOS)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (1024.0 * 1024.0) if sys.platform == "darwin" else peak / 1024.0
+
+
+def benchmark_config(model: str, batch_size: int, image_size: int, dtype: str, loss: str):
+    """The default training config with the benchmark's model, sizes, dtype and loss."""
+    from skipnet_jax.default_config import get_default_config
+
+    config = get_default_config()
+    config.model = model
+    config.batch_size = batch_size
+    config.eval_batch_size = batch_size
+    config.image_size = image_size
+    config.dtype = dtype
+    config.loss = loss
+    config.num_classes = NUM_CLASSES
+    return config
+
+
+def tune_malloc() -> bool:
+    """Make glibc malloc keep and reuse large freed blocks (returns False where it cannot).
+
+    XLA:CPU (and PyTorch's CPU allocator) allocate every activation-sized buffer with
+    malloc; glibc serves large requests -- and, in threads other than the main one, any
+    request beyond a 64 MiB arena heap -- with a fresh ``mmap`` and unmaps it on free, so
+    each step touches every page of its activations anew (one page fault per 4 KiB).
+    One arena (``M_ARENA_MAX=1``), no mmap'd chunks (``M_MMAP_MAX=0``) and no trimming
+    below 2 GiB (``M_TRIM_THRESHOLD``) keep those pages mapped for reuse, at the price of
+    never handing memory back to the OS.  Same effect as starting the process with
+    ``MALLOC_ARENA_MAX=1 MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=2147483647``.  Must run
+    before other threads start allocating (i.e. before JAX/PyTorch initialise).
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return False
+    m_trim_threshold, m_mmap_max, m_arena_max = -1, -4, -8
+    return all(
+        mallopt(option, value) == 1
+        for option, value in ((m_arena_max, 1), (m_mmap_max, 0), (m_trim_threshold, -1))
+    )
+
+
+def page_faults() -> int:
+    """Minor page faults of this process so far."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+class Side:
+    """One thing being timed: ``run(k)`` does k steps and returns when they are finished."""
+
+    def __init__(self, name: str, run: Callable[[int], None], batch_size: int):
+        self.name = name
+        self.run = run
+        self.batch_size = batch_size
+        self.round_seconds: list[float] = []
+        self.round_cpu_seconds: list[float] = []
+        self.round_faults: list[float] = []
+        self.info: dict[str, Any] = {}
+        self.compiled = None  # the JAX executable, for inspection
+
+    def step_seconds(self) -> float:
+        return statistics.median(self.round_seconds)
+
+    def img_per_s(self) -> float:
+        return self.batch_size / self.step_seconds()
+
+
+def jax_side(config, mode: str, seed: int = 0, name: str = "jax") -> Side:
+    """The real train/eval step of `skipnet_jax.train`, compiled, on a fixed random batch."""
+    import functools
+
+    import jax
+    import numpy as np
+
+    from skipnet_jax import optim, sharding, train
+
+    model = train.create_model(config, NUM_CLASSES)
+    learning_rate_fn = optim.create_learning_rate_fn(config, _STEPS_PER_EPOCH, _NUM_TRAIN_STEPS)
+    tx = optim.create_optimizer(config, learning_rate_fn)
+    mesh = sharding.create_mesh()
+    replicated, data_sharding = sharding.replicated(mesh), sharding.batch_sharded(mesh)
+
+    t0 = time.perf_counter()
+    state = jax.jit(functools.partial(train.create_train_state, config, model, tx), out_shardings=replicated)()
+    jax.block_until_ready(state)
+    init_s = time.perf_counter() - t0
+
+    rng = np.random.default_rng(seed)
+    b, s = config.batch_size, config.image_size
+    host_batch = {
+        "image": rng.standard_normal((b, s, s, 3), dtype=np.float32),
+        "label": rng.integers(0, NUM_CLASSES, size=(b,), dtype=np.int32),
+    }
+    if mode == "eval":
+        host_batch["mask"] = np.ones((b,), np.float32)
+    batch = sharding.to_global_batch(host_batch, data_sharding)
+
+    if mode == "train":
+        jitted = jax.jit(
+            functools.partial(
+                train.train_step, model=model, tx=tx, learning_rate_fn=learning_rate_fn, config=config
+            ),
+            in_shardings=(replicated, data_sharding),
+            out_shardings=(replicated, replicated),
+            donate_argnums=0,
+        )
+    else:
+        jitted = jax.jit(
+            functools.partial(train.eval_step, model=model, use_ema=config.ema_decay > 0),
+            in_shardings=(replicated, data_sharding),
+            out_shardings=replicated,
+        )
+    t0 = time.perf_counter()
+    lowered = jitted.lower(state, batch)
+    lower_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    compiled = lowered.compile()
+    compile_s = time.perf_counter() - t0
+
+    holder = {"state": state}
+
+    if mode == "train":
+
+        def run(k: int) -> None:
+            st, metrics = holder["state"], None
+            for _ in range(k):
+                st, metrics = compiled(st, batch)
+            jax.block_until_ready((st, metrics))
+            holder["state"] = st
+
+    else:
+
+        def run(k: int) -> None:
+            out = None
+            for _ in range(k):
+                out = compiled(holder["state"], batch)
+            jax.block_until_ready(out)
+
+    side = Side(name, run, b)
+    side.compiled = compiled
+    side.info = {
+        "init_s": init_s,
+        "lower_s": lower_s,
+        "compile_s": compile_s,
+        "num_params": int(sum(x.size for x in jax.tree.leaves(state.params))),
+    }
+    return side
+
+
+def torch_side(config, mode: str, seed: int = 0, name: str = "torch", threads: int = 0) -> Side:
+    """The in-tree PyTorch SkipNet doing the same work (eager, NCHW, float32)."""
+    import torch  # noqa: PLC0415 - optional, only for --compare torch
+    from torch.nn import functional as F
+
+    from skipnet_jax.reference import torch_bias_loss, torch_skipnet
+
+    if config.model not in TORCH_VARIANTS:
+        raise BenchmarkError(
+            f"--compare torch: {config.model!r} has no PyTorch counterpart; "
+            f"valid choices: {', '.join(sorted(TORCH_VARIANTS))}"
+        )
+    if config.dtype != "float32":
+        raise BenchmarkError("--compare torch needs --dtype float32 (the reference runs in float32)")
+    if threads > 0:
+        torch.set_num_threads(threads)
+    variant_mode, width = torch_skipnet.VARIANTS[TORCH_VARIANTS[config.model]]
+    torch.manual_seed(seed)
+    model = torch_skipnet.TorchSkipNet(
+        variant_mode, width, num_classes=NUM_CLASSES, dropout_rate=config.dropout_rate
+    )
+    g = torch.Generator().manual_seed(seed)
+    b, s = config.batch_size, config.image_size
+    images = torch.randn(b, 3, s, s, generator=g)
+    labels = torch.randint(0, NUM_CLASSES, (b,), generator=g)
+
+    if mode == "train":
+        model.train()
+        decay = [p for p in model.parameters() if p.ndim > 1]
+        no_decay = [p for p in model.parameters() if p.ndim <= 1]
+        opt = torch.optim.SGD(
+            [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=config.learning_rate,
+            momentum=config.momentum,
+        )
+        bias = None
+        if config.loss == "bias":
+            bias = torch_bias_loss.TorchBiasLoss(
+                alpha=config.bias_loss.alpha, beta=config.bias_loss.beta, normalisation_mode=config.bias_loss.mode
+            )
+
+        def run(k: int) -> None:
+            for _ in range(k):
+                opt.zero_grad(set_to_none=True)
+                logits, features = model.forward_with_features(images)
+                if bias is not None:
+                    loss = bias(features, logits, labels)
+                else:
+                    loss = F.cross_entropy(logits, labels)
+                loss.backward()
+                opt.step()
+
+    else:
+        model.eval()
+
+        def run(k: int) -> None:
+            with torch.no_grad():
+                for _ in range(k):
+                    model(images)
+
+    side = Side(name, run, b)
+    side.info = {"torch_version": torch.__version__, "torch_threads": torch.get_num_threads()}
+    return side
+
+
+def time_alternating(sides: list[Side], *, steps: int, warmup: int, rounds: int) -> None:
+    """Warm every side up, then `rounds` rounds of `steps` steps, the sides taking turns."""
+    for side in sides:
+        if warmup > 0:
+            t0 = time.perf_counter()
+            side.run(warmup)
+            side.info["warmup_s"] = time.perf_counter() - t0
+    for _ in range(rounds):
+        for side in sides:
+            t0, c0, f0 = time.perf_counter(), time.process_time(), page_faults()
+            side.run(steps)
+            side.round_seconds.append((time.perf_counter() - t0) / steps)
+            side.round_cpu_seconds.append((time.process_time() - c0) / steps)
+            side.round_faults.append((page_faults() - f0) / steps)
+
+
+# --------------------------------------------------------------------------- main
+
+
+def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
+    """Builds, compiles and times the requested sides; returns the result dict."""
+    import jax
+
+    from skipnet_jax import models
+
+    if args.model not in models.list_models():
+        raise BenchmarkError(f"unknown model {args.model!r}; valid choices: {', '.join(models.list_models())}")
+    for flag in ("batch_size", "image_size", "steps", "rounds"):
+        if getattr(args, flag) < 1:
+            raise BenchmarkError(f"--{flag} must be positive, got {getattr(args, flag)}")
+    if args.warmup < 0:
+        raise BenchmarkError(f"--warmup must be >= 0, got {args.warmup}")
+    if args.image_size < 32:
+        raise BenchmarkError(f"--image_size must be >= 32, got {args.image_size}")
+    if args.compare_loss and args.mode != "train":
+        raise BenchmarkError("--compare_loss needs --mode train")
+    if args.compare == "torch" and args.model not in TORCH_VARIANTS:
+        raise BenchmarkError(
+            f"--compare torch: {args.model!r} has no PyTorch counterpart; "
+            f"valid choices: {', '.join(sorted(TORCH_VARIANTS))}"
+        )
+    if args.compare == "torch" and args.dtype != "float32":
+        raise BenchmarkError("--compare torch needs --dtype float32 (the reference runs in float32)")
+    if args.batch_size % jax.device_count():
+        raise BenchmarkError(f"--batch_size {args.batch_size} is not divisible by the {jax.device_count()} devices")
+
+    # A real compile every time: a cached executable would make compile_s meaningless.
+    jax.config.update("jax_enable_compilation_cache", False)
+
+    config = benchmark_config(args.model, args.batch_size, args.image_size, args.dtype, args.loss)
+    main = jax_side(config, args.mode, args.seed, name="jax")
+    sides = [main]
+    peak_jax = peak_rss_mb()
+    ce_side = bias_side = None
+    if args.compare_loss:
+        other_loss = "ce" if args.loss == "bias" else "bias"
+        other = jax_side(
+            benchmark_config(args.model, args.batch_size, args.image_size, args.dtype, other_loss),
+            "train",
+            args.seed,
+            name=f"jax_{other_loss}",
+        )
+        sides.append(other)
+        bias_side, ce_side = (main, other) if args.loss == "bias" else (other, main)
+    torch = None
+    if args.compare == "torch":
+        torch = torch_side(config, args.mode, args.seed, threads=args.torch_threads)
+        sides.append(torch)
+
+    time_alternating(sides, steps=args.steps, warmup=args.warmup, rounds=args.rounds)
+
+    result: dict[str, Any] = {
+        "model": args.model,
+        "mode": args.mode,
+        "batch_size": args.batch_size,
+        "image_size": args.image_size,
+        "dtype": args.dtype,
+        "loss": args.loss if args.mode == "train" else None,
+        "steps": args.steps,
+        "warmup": args.warmup,
+        "rounds": args.rounds,
+        "img_per_s": main.img_per_s(),
+        "step_ms": 1000.0 * main.step_seconds(),
+        "round_step_ms": [1000.0 * t for t in main.round_seconds],
+        "cpu_ms_per_step": 1000.0 * statistics.median(main.round_cpu_seconds),
+        "page_faults_per_step": statistics.median(main.round_faults),
+        "malloc": args.malloc,
+        "compile_s": main.info["compile_s"],
+        "lower_s": main.info["lower_s"],
+        "init_s": main.info["init_s"],
+        "num_params": main.info["num_params"],
+        "peak_rss_jax_mb": peak_jax,
+        "peak_rss_mb": peak_rss_mb(),
+        "backend": jax.default_backend(),
+        "devices": jax.device_count(),
+        "device_kind": jax.devices()[0].device_kind,
+        "cpu_count": os.cpu_count(),
+        "jax_version": jax.__version__,
+        "python": platform.python_version(),
+    }
+    try:
+        result["load_average"] = list(os.getloadavg())
+    except OSError:
+        pass
+    if torch is not None:
+        result |= {
+            "torch_img_per_s": torch.img_per_s(),
+            "torch_step_ms": 1000.0 * torch.step_seconds(),
+            "torch_round_step_ms": [1000.0 * t for t in torch.round_seconds],
+            "torch_cpu_ms_per_step": 1000.0 * statistics.median(torch.round_cpu_seconds),
+            "torch_page_faults_per_step": statistics.median(torch.round_faults),
+            "torch_threads": torch.info["torch_threads"],
+            "torch_version": torch.info["torch_version"],
+            "ratio": main.img_per_s() / torch.img_per_s(),
+        }
+    if ce_side is not None:
+        result |= {
+            "bias_step_ms": 1000.0 * bias_side.step_seconds(),
+            "ce_step_ms": 1000.0 * ce_side.step_seconds(),
+            "bias_round_step_ms": [1000.0 * t for t in bias_side.round_seconds],
+            "ce_round_step_ms": [1000.0 * t for t in ce_side.round_seconds],
+            "ce_compile_s": ce_side.info["compile_s"] if ce_side is not main else main.info["compile_s"],
+            "bias_overhead_pct": 100.0 * (bias_side.step_seconds() / ce_side.step_seconds() - 1.0),
+        }
+    return result
+
+
+def format_result(r: dict[str, Any]) -> str:
+    loss = f", {r['loss']} loss" if r["mode"] == "train" else ""
+    lines = [
+        f"{r['model']} {r['mode']}, batch {r['batch_size']}, {r['image_size']} px, {r['dtype']}{loss} "
+        f"({r['backend']} x{r['devices']}, {r['cpu_count']} cpus)",
+        f"  jax:   {r['img_per_s']:8.1f} img/s  ({r['step_ms']:.1f} ms/step, median of {r['rounds']} x {r['steps']})",
+        f"  step compile {r['compile_s']:.1f} s (trace+lower {r['lower_s']:.1f} s), init {r['init_s']:.1f} s",
+        f"  peak RSS {r['peak_rss_jax_mb']:.0f} MiB after JAX, {r['peak_rss_mb']:.0f} MiB at the end",
+    ]
+    if "torch_img_per_s" in r:
+        lines.insert(
+            2,
+            f"  torch: {r['torch_img_per_s']:8.1f} img/s  ({r['torch_step_ms']:.1f} ms/step, "
+            f"{r['torch_threads']} threads)  ->  JAX/torch = {r['ratio']:.2f}x",
+        )
+    if "bias_overhead_pct" in r:
+        lines.append(
+            f"  bias loss {r['bias_step_ms']:.1f} ms/step vs cross-entropy {r['ce_step_ms']:.1f} ms/step: "
+            f"{r['bias_overhead_pct']:+.1f}%"
+        )
+    if "load_average" in r:
+        lines.append(f"  load average {r['load_average'][0]:.2f} (1 min)")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = _parser().parse_args(argv)
+    if args.malloc == "tuned" and not tune_malloc():
+        _fail("--malloc tuned needs glibc (Linux)")
+    try:
+        result = run_benchmark(args)
+    except BenchmarkError as e:
+        _fail(str(e))
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(format_result(result))
+
+
+if __name__ == "__main__":
+    main()
