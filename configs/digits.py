@@ -5,7 +5,7 @@
 Hardware: any CPU (measured on a 2-core machine). Data: scikit-learn's 1,797
 8x8 digits, exposed as the TFDS dataset "digits" (1,437 train / 360 test, a
 fixed stratified split), upscaled to 32 px. Expected: eval top-1 ~0.98
-in about 2-3 minutes, compile included. `--config.loss=ce` trains the
+in about 1.5-2.5 minutes, compile included. `--config.loss=ce` trains the
 cross-entropy baseline with everything else equal.
 """
 
