@@ -39,39 +39,8 @@ Expected eval top-1 on the CIFAR-100 test set (the release table, single runs):
 77.83% with bias loss, 75.98% with cross-entropy (`--config.loss=ce`).
 """
 
-from skipnet_jax.default_config import get_default_config
+from skipnet_jax.recipes import cifar100_config
 
 
 def get_config():
-    config = get_default_config()
-    config.model = "densenet121_cifar"
-    config.dropout_rate = 0.0  # the architecture has no dropout
-    config.dataset = "cifar100"
-    config.image_size = 32
-    config.batch_size = 128
-    config.eval_batch_size = 256
-    config.data.augment = True  # pad-4 random crop + horizontal flip
-    config.data.mean = (0.507, 0.4865, 0.4409)
-    config.data.std = (0.2673, 0.2564, 0.2761)
-
-    config.num_epochs = 160.0
-    config.optimizer = "sgd"
-    config.learning_rate = 0.1
-    config.momentum = 0.9
-    config.nesterov = False
-    config.weight_decay = 1e-4
-    config.label_smoothing = 0.0
-    config.schedule = "step"
-    config.warmup_epochs = 0.0
-    config.lr_step_epochs = (80, 122)
-    config.lr_step_factor = 0.1
-
-    config.loss = "bias"
-    config.bias_loss.mode = "global"  # the release's default normalisation
-    config.bias_loss.alpha = 0.3
-    config.bias_loss.beta = 0.3
-
-    config.log_every_steps = 100
-    config.eval_every_steps = 3910  # every 10 epochs (391 steps each)
-    config.checkpoint_every_steps = 1955  # every 5 epochs
-    return config
+    return cifar100_config("densenet121_cifar")

@@ -7,7 +7,7 @@ Multi-GPU / multi-host: launch/slurm_gpu.sbatch or launch/tpu_pod.sh with
 ``--config configs/imagenet_l.py`` (see launch/README.md).
 
 Paper top-1: 77.1% (~365M FLOPs, 7.1M params).
-Recipe: configs/recipes/imagenet.py (RMSProp-TF eps 1e-3, lr = 0.016 * batch_size / 256,
+Recipe: skipnet_jax/recipes.py (RMSProp-TF eps 1e-3, lr = 0.016 * batch_size / 256,
 5 warmup epochs then x0.97 / 2.4 epochs, 350 epochs, EMA 0.9999, label smoothing
 0.1, dropout 0.2, weight decay 1e-5, bfloat16, RandAugment 2 x 9).
 `--config.loss=ce` trains the cross-entropy baseline with everything else equal.
@@ -19,18 +19,8 @@ Expected runtime: ~14 h for 350 epochs, an ESTIMATE (not measured) assuming
 one-off ~2-4 h for TFDS to prepare imagenet2012 from the tars.
 """
 
-import importlib.util
-import os
-
-
-def _recipe():
-    # configs/ is not a package: load the shared recipe by its path.
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "recipes", "imagenet.py")
-    spec = importlib.util.spec_from_file_location("skipnet_imagenet_recipe", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from skipnet_jax.recipes import imagenet_config
 
 
 def get_config():
-    return _recipe().get_imagenet_config("skipnet_l")
+    return imagenet_config("skipnet_l")

@@ -1,6 +1,9 @@
-"""Shared ImageNet recipe of configs/imagenet_*.py (a helper, not a config file).
+"""Training recipes shared by several config files (configs/*.py import them).
 
-A MobileNetV3/EfficientNet-class recipe (the paper does not publish its own):
+Config files stay a few lines each (model name + docstring with the command, hardware,
+runtime and expected accuracy); the recipe itself is defined once here.
+
+ImageNet (`imagenet_config`, configs/imagenet_*.py): a MobileNetV3/EfficientNet-class recipe (the paper does not publish its own):
 
 * 224 px, Inception random-resized crop + flip + RandAugment (2 ops,
   magnitude 9 of 10); eval: shorter side 256, centre crop 224 (the release's
@@ -19,7 +22,15 @@ ILSVRC2012_img_val.tar in ``--config.data.manual_dir`` (default
 ``<data_dir>/downloads/manual``); for multi-host runs prepare it once first
 (launch/README.md).  ``--config.dataset=/path/to/folder`` trains on an image
 folder (train/<class>/*.jpg, val/<class>/*.jpg) instead, with no preparation.
+
+CIFAR-100 (`cifar100_config`, configs/cifar100_*.py): the bias-loss release recipe, SGD
+momentum 0.9, weight decay 1e-4, lr 0.1 for batch 128, 160 epochs, lr x0.1 at epochs 80
+and 122, no dropout, no warmup, bias loss in the release's "global" normalisation; TFDS
+"cifar100" with 4 px pad + random crop + flip and the release's mean/std.  The config
+docstrings explain the epoch-to-step rounding and the other known differences.
 """
+
+import ml_collections
 
 from skipnet_jax.default_config import get_default_config
 
@@ -27,7 +38,8 @@ BASE_LEARNING_RATE = 0.016  # per 256 images of global batch
 NUM_TRAIN_EXAMPLES = 1_281_167
 
 
-def get_imagenet_config(model: str, *, batch_size: int = 2048):
+def imagenet_config(model: str, *, batch_size: int = 2048) -> ml_collections.ConfigDict:
+    """The ImageNet recipe (see the module docstring) for registered model `model`."""
     config = get_default_config()
     config.model = model
     config.dtype = "bfloat16"
@@ -64,5 +76,41 @@ def get_imagenet_config(model: str, *, batch_size: int = 2048):
     config.checkpoint_every_steps = 2 * steps_per_epoch
     config.eval_every_steps = 10 * steps_per_epoch
     config.keep_checkpoints = 3
+    return config
+
+
+def cifar100_config(model: str) -> ml_collections.ConfigDict:
+    """The bias-loss release's CIFAR-100 recipe (see the module docstring) for `model`."""
+    config = get_default_config()
+    config.model = model
+    config.dropout_rate = 0.0  # the release's CIFAR networks have no dropout
+    config.dataset = "cifar100"
+    config.image_size = 32
+    config.batch_size = 128
+    config.eval_batch_size = 256
+    config.data.augment = True  # pad-4 random crop + horizontal flip
+    config.data.mean = (0.507, 0.4865, 0.4409)
+    config.data.std = (0.2673, 0.2564, 0.2761)
+
+    config.num_epochs = 160.0
+    config.optimizer = "sgd"
+    config.learning_rate = 0.1
+    config.momentum = 0.9
+    config.nesterov = False
+    config.weight_decay = 1e-4
+    config.label_smoothing = 0.0
+    config.schedule = "step"
+    config.warmup_epochs = 0.0
+    config.lr_step_epochs = (80, 122)
+    config.lr_step_factor = 0.1
+
+    config.loss = "bias"
+    config.bias_loss.mode = "global"  # the release's default normalisation
+    config.bias_loss.alpha = 0.3
+    config.bias_loss.beta = 0.3
+
+    config.log_every_steps = 100
+    config.eval_every_steps = 3910  # every 10 epochs (391 steps each)
+    config.checkpoint_every_steps = 1955  # every 5 epochs
     return config
 
