@@ -44,13 +44,15 @@ class BadImageError(RuntimeError):
     """An image file of an image-folder dataset cannot be decoded (``config.data.bad_images="error"``)."""
 
 
-def _report_bad_files(paths: list[str], seen: set[str], config, where: str) -> None:
+def _report_bad_files(runs: list[tuple[str, ...]], seen: set[str], config, where: str) -> None:
     """Logs each newly met unreadable file once, or stops if the config says so.
 
-    The pipeline has already replaced (train) or masked out (eval) the example;
-    here we only decide whether that is acceptable.
+    `runs`: per example, the files it skipped (`pipeline.pop_bad_files`).  The
+    pipeline has already replaced (train) or masked out (eval) the example; here
+    we only decide whether that is acceptable.  An example for which every try
+    failed stops the run whatever the config: it was filled with a blank image.
     """
-    for path in paths:
+    for path in (path for run in runs for path in run):
         if path in seen:
             continue
         seen.add(path)
@@ -60,11 +62,12 @@ def _report_bad_files(paths: list[str], seen: set[str], config, where: str) -> N
                 " --config.data.bad_images=skip to skip unreadable files"
             )
         logging.warning("Skipping unreadable image file %s (%s)", path, where)
-    if len(paths) >= pipeline.MAX_CONSECUTIVE_BAD_FILES:
-        raise BadImageError(
-            f"{len(paths)} unreadable image files in a row from {paths[0]!r} ({where});"
-            " is the dataset directory damaged?"
-        )
+    for run in runs:
+        if len(run) >= pipeline.MAX_CONSECUTIVE_BAD_FILES:
+            raise BadImageError(
+                f"{len(run)} unreadable image files in a row from {run[0]!r} ({where});"
+                " is the dataset directory damaged?"
+            )
 
 
 @flax.struct.dataclass

@@ -50,8 +50,8 @@ def test_train_stream_skips_and_reports_unreadable_files(damaged_folder):
     reported = []
     batches = list(itertools.islice(pipeline.create_train_iterator(config), 7))  # 4 epochs
     for batch in batches:
-        found = pipeline.pop_bad_files(batch, config, "train")
-        reported.extend(found)
+        runs = pipeline.pop_bad_files(batch, config, "train")
+        reported.extend(path for run in runs for path in run)
         assert set(batch) == {"image", "label"}
         assert batch["image"].shape == (4, 64, 64, 3) and np.isfinite(batch["image"]).all()
         assert set(batch["label"]) <= {0, 1}  # every example is a real, readable one
@@ -65,7 +65,7 @@ def test_train_stream_skips_and_reports_unreadable_files(damaged_folder):
 def test_eval_masks_out_unreadable_files(damaged_folder):
     config = _config(damaged_folder)
     batches = list(pipeline.create_eval_iterator(config))
-    found = [p for b in batches for p in pipeline.pop_bad_files(b, config, "validation")]
+    found = [p for b in batches for run in pipeline.pop_bad_files(b, config, "validation") for p in run]
     assert found == [os.path.join(damaged_folder, "val", "a", "truncated.jpg")]
     mask = np.concatenate([b["mask"] for b in batches])
     assert mask.sum() == 4 and len(mask) == 5
@@ -121,3 +121,17 @@ def _one_error_line(result) -> str:
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "Traceback" not in result.stderr, result.stderr[-4000:]
     return errors[0]
+
+
+def test_only_a_run_of_unreadable_files_stops_a_skip_run(damaged_folder):
+    """Many bad files scattered over a batch are skipped; one example whose every try failed
+    (it holds a blank fallback image) stops the run."""
+    from skipnet_jax import train
+
+    config = _config(damaged_folder, bad_images="skip")
+    limit = pipeline.MAX_CONSECUTIVE_BAD_FILES
+    scattered = [(f"/data/bad{i}.jpg",) for i in range(2 * limit)]
+    train._report_bad_files(scattered, set(), config, "train step 0")
+    run = tuple(f"/data/run{i}.jpg" for i in range(limit))
+    with pytest.raises(train.BadImageError, match=f"{limit} unreadable image files in a row from '/data/run0.jpg'"):
+        train._report_bad_files([run], set(), config, "train step 1")

@@ -318,21 +318,23 @@ def _first_readable(load: Callable[[tf.Tensor], Example], fallback: Example, max
     return tries.ignore_errors().concatenate(last).take(1).get_single_element()
 
 
-def pop_bad_files(batch: Batch, config, split: str) -> list[str]:
+def pop_bad_files(batch: Batch, config, split: str) -> list[tuple[str, ...]]:
     """Removes the unreadable-file bookkeeping from `batch`; returns those files' paths.
 
-    A train example that took ``n`` tries skipped the files at indices
-    ``index .. index+n-1`` (mod N) of the split; an eval example at most its
-    own.  Returns ``[]`` for sources that cannot fail (TFDS datasets).
+    One tuple per example that skipped files: a train example that took ``n``
+    tries skipped the files at indices ``index .. index+n-1`` (mod N) of the
+    split (``n == MAX_CONSECUTIVE_BAD_FILES``: all tries failed), an eval
+    example at most its own.  Returns ``[]`` for sources that cannot fail
+    (TFDS datasets).
     """
     counts, indices = batch.pop(BAD_FILES_KEY, None), batch.pop(INDEX_KEY, None)
     if counts is None:
         return []
     paths = folder.load_split(config.dataset, split).paths
     return [
-        paths[(int(index) + k) % len(paths)]
+        tuple(paths[(int(index) + k) % len(paths)] for k in range(int(count)))
         for index, count in zip(indices, counts)
-        for k in range(int(count))
+        if count
     ]
 
 
