@@ -45,7 +45,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from skipnet_jax import checkpointing, convert, optim, sharding, train
+from skipnet_jax import checkpointing, convert, optim, reporting, sharding, train
 from skipnet_jax.config_validation import ConfigError, check_num_classes
 from skipnet_jax.data import pipeline
 from skipnet_jax.default_config import get_default_config
@@ -308,14 +308,6 @@ def evaluate_model(loaded: LoadedModel) -> dict[str, Any]:
     }
 
 
-def _write_json(path: str, data: dict) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=2, sort_keys=True)
-        f.write("\n")
-    os.replace(tmp, path)
-
-
 def evaluate_workdir(workdir: str, config: ml_collections.ConfigDict | None = None) -> dict[str, Any]:
     """What the CLI does: load, evaluate, write ``eval_results.json`` and the confusion-matrix plot."""
     from skipnet_jax import plots
@@ -338,7 +330,7 @@ def evaluate_workdir(workdir: str, config: ml_collections.ConfigDict | None = No
         "wall_seconds": time.time() - start,
     }
     workdir = os.path.abspath(workdir)
-    _write_json(os.path.join(workdir, EVAL_RESULTS_FILE), results)
+    reporting.write_json(os.path.join(workdir, EVAL_RESULTS_FILE), results)
     fig = plots.confusion_matrix_figure(
         np.asarray(results["confusion_matrix"]), class_names,
         title=(f"{config.model} on {config.dataset}:{config.data.eval_split} "

@@ -44,8 +44,6 @@ import numpy as np
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
-IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
 NUM_CLASSES = 8
 
 
@@ -82,11 +80,15 @@ def list_folder(root: str) -> tuple[list[str], list[int]]:
 # --------------------------------------------------------------------------- PIL side
 
 
-def _pil_example(task: tuple[str, int, int, int]) -> tuple[np.ndarray, int]:
-    """Random-resized crop + flip of one file, as torchvision's RandomResizedCrop does it."""
+def _pil_example(task: tuple) -> tuple[np.ndarray, int]:
+    """Random-resized crop + flip of one file, as torchvision's RandomResizedCrop does it.
+
+    ``task = (path, label, size, seed, mean, std)``: the normalisation comes from the
+    parent, so the worker processes never import TensorFlow.
+    """
     from PIL import Image
 
-    path, label, size, seed = task
+    path, label, size, seed, mean, std = task
     rng = np.random.default_rng(seed)
     with Image.open(path) as image:
         image = image.convert("RGB")
@@ -105,18 +107,22 @@ def _pil_example(task: tuple[str, int, int, int]) -> tuple[np.ndarray, int]:
     if rng.uniform() < 0.5:
         crop = crop.transpose(Image.FLIP_LEFT_RIGHT)
     pixels = np.asarray(crop, np.float32) / 255.0
-    return (pixels - IMAGENET_MEAN) / IMAGENET_STD, label
+    return (pixels - np.asarray(mean, np.float32)) / np.asarray(std, np.float32), label
 
 
 def pil_batches(paths: list[str], labels: list[int], *, batch_size: int, size: int, pool):
-    """Endless batches from a process pool (ordered, like a DataLoader with shuffling)."""
+    """Endless batches from a process pool (ordered, like a DataLoader with shuffling),
+    normalised with the same ImageNet statistics as the tf.data side."""
+    from skipnet_jax.data import preprocess
+
+    mean, std = preprocess.default_normalization("imagenet2012")
     rng = np.random.default_rng(0)
 
     def tasks():
         epoch = 0
         while True:
             for i in rng.permutation(len(paths)):
-                yield paths[i], labels[i], size, epoch * len(paths) + int(i)
+                yield paths[i], labels[i], size, epoch * len(paths) + int(i), mean, std
             epoch += 1
 
     examples = pool.imap(_pil_example, tasks(), chunksize=batch_size)

@@ -100,11 +100,16 @@ class ProgressReporter:
             self._writer.close()
 
 
-def write_results(workdir: str, results: dict) -> None:
-    """Writes WORKDIR/results.json atomically (write to a temporary file, then rename)."""
-    path = os.path.join(workdir, "results.json")
+def write_json(path: str, data: dict) -> None:
+    """Writes `data` to `path` atomically (a temporary file, then a rename): a crash
+    never leaves a truncated file in place of the previous one."""
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
-        json.dump(results, f, indent=2, sort_keys=True)
+        json.dump(data, f, indent=2, sort_keys=True)
         f.write("\n")
     os.replace(tmp, path)
+
+
+def write_results(workdir: str, results: dict) -> None:
+    """Writes WORKDIR/results.json atomically."""
+    write_json(os.path.join(workdir, "results.json"), results)
