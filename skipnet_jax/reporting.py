@@ -8,7 +8,6 @@ import os
 import time
 
 from absl import logging
-from flax.metrics import tensorboard
 
 
 def _format_duration(seconds: float) -> str:
@@ -27,7 +26,12 @@ class ProgressReporter:
     """
 
     def __init__(self, workdir: str | None, num_train_steps: int, batch_size: int, log_every_steps: int):
-        self._writer = tensorboard.SummaryWriter(os.path.join(workdir, "tensorboard")) if workdir else None
+        self._writer = None
+        if workdir:
+            # flax's SummaryWriter is TensorFlow's: imported only when there is a log to write.
+            from flax.metrics import tensorboard  # noqa: PLC0415
+
+            self._writer = tensorboard.SummaryWriter(os.path.join(workdir, "tensorboard"))
         self._num_train_steps = num_train_steps
         self._batch_size = batch_size
         self._log_every = log_every_steps

@@ -3,6 +3,10 @@
 `create_train_state`, `train_step` and `eval_step` are pure functions of
 arrays (jit-compiled over a data-parallel mesh); `train_and_evaluate` is the
 only place with side effects (data, checkpoints, logs, results.json).
+
+The step functions need no TensorFlow: the tf.data input pipeline is imported
+inside the functions that read data, so the models, the loss and the steps
+can be used in another training loop on a machine without TensorFlow.
 """
 
 from __future__ import annotations
@@ -27,7 +31,6 @@ from absl import logging
 
 from skipnet_jax import checkpointing, losses, models, optim, plots, sharding
 from skipnet_jax.config_validation import ConfigError, check_num_classes
-from skipnet_jax.data import pipeline
 from skipnet_jax.reporting import ProgressReporter, write_results
 
 # Independent RNG streams derived from the seed; dropout folds in the step so a
@@ -52,6 +55,8 @@ def _report_bad_files(runs: list[tuple[str, ...]], seen: set[str], config, where
     we only decide whether that is acceptable.  An example for which every try
     failed stops the run whatever the config: it was filled with a blank image.
     """
+    from skipnet_jax.data import pipeline  # noqa: PLC0415 - tf.data only where data is read
+
     for path in (path for run in runs for path in run):
         if path in seen:
             continue
@@ -219,6 +224,8 @@ def eval_step(state: TrainState, batch, *, model, use_ema: bool) -> dict:
 def evaluate(jitted_eval_step, state, config, data_sharding) -> tuple[dict[str, float], np.ndarray]:
     """Top-1/top-5/loss over the full eval split (padded examples masked out) and the
     ``int64 [C, C]`` confusion matrix (rows: true class)."""
+    from skipnet_jax.data import pipeline  # noqa: PLC0415 - tf.data only where data is read
+
     totals = None
     iterator = pipeline.create_eval_iterator(
         config, process_index=jax.process_index(), process_count=jax.process_count()
@@ -247,6 +254,8 @@ def _save_config(config, workdir: str) -> None:
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """Trains (resuming from WORKDIR/checkpoints if present), evaluates, writes results.json."""
+    from skipnet_jax.data import pipeline  # noqa: PLC0415 - tf.data only where data is read
+
     wall_start = time.time()
     try:
         info = pipeline.get_dataset_info(config)

@@ -42,36 +42,13 @@ from etils import epath
 import numpy as np
 import tensorflow_datasets as tfds
 
-# Split sizes and seed are part of the dataset definition (see module doc).
-NUM_EXAMPLES = 1797
-NUM_TRAIN_EXAMPLES = 1437
-NUM_TEST_EXAMPLES = 360
-TEST_FRACTION = 0.2
-SPLIT_RANDOM_STATE = 0
-_MAX_RAW_VALUE = 16  # load_digits intensities are integers in [0, 16].
-
-
-def load_raw() -> tuple[np.ndarray, np.ndarray]:
-    """Returns all digits as ``(images uint8 [N, 8, 8, 1], labels int64 [N])``."""
-    from sklearn import datasets  # Local import: only needed to generate data.
-
-    bunch = datasets.load_digits()
-    scaled = bunch.images * (255.0 / _MAX_RAW_VALUE)
-    images = np.floor(scaled + 0.5).astype(np.uint8)[..., np.newaxis]
-    return images, bunch.target.astype(np.int64)
-
-
-def split_indices(labels: np.ndarray) -> dict[str, np.ndarray]:
-    """Returns the fixed stratified ``train``/``test`` indices, each ascending."""
-    from sklearn import model_selection
-
-    train, test = model_selection.train_test_split(
-        np.arange(len(labels)),
-        test_size=TEST_FRACTION,
-        stratify=labels,
-        random_state=SPLIT_RANDOM_STATE,
-    )
-    return {"train": np.sort(train), "test": np.sort(test)}
+from skipnet_jax.data.digits_arrays import (  # noqa: F401 (re-exported: the split's definition)
+    NUM_EXAMPLES,
+    NUM_TEST_EXAMPLES,
+    NUM_TRAIN_EXAMPLES,
+    load_raw,
+    split_indices,
+)
 
 
 class Digits(tfds.core.GeneratorBasedBuilder):
