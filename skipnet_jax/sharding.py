@@ -9,6 +9,9 @@ global batch, exactly as on one device.
 
 from __future__ import annotations
 
+import collections
+from collections.abc import Iterator
+
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
@@ -35,3 +38,21 @@ def to_global_batch(local_batch: dict[str, np.ndarray], sharding: NamedSharding)
         key: jax.make_array_from_process_local_data(sharding, np.asarray(value))
         for key, value in local_batch.items()
     }
+
+
+def prefetch_to_device(
+    local_batches: Iterator[dict[str, np.ndarray]], sharding: NamedSharding, size: int
+) -> Iterator[dict[str, jax.Array]]:
+    """Yields global batches whose host-to-device copies were started `size` batches early.
+
+    `jax.make_array_from_process_local_data` returns before the copy finishes, so
+    keeping `size` converted batches queued overlaps the transfer of the next batches
+    with the step running on the current one.
+    """
+    queue: collections.deque = collections.deque()
+    for local_batch in local_batches:
+        queue.append(to_global_batch(local_batch, sharding))
+        if len(queue) > size:
+            yield queue.popleft()
+    while queue:
+        yield queue.popleft()

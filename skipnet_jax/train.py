@@ -11,8 +11,10 @@ can be used in another training loop on a machine without TensorFlow.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import functools
+import itertools
 import json
 import os
 import signal
@@ -37,6 +39,11 @@ from skipnet_jax.reporting import ProgressReporter, write_results
 # resumed run draws exactly the masks an uninterrupted one would.
 _INIT_STREAM, _DROPOUT_STREAM = 0, 1
 PER_EXAMPLE = "per_example"  # train_step metrics entry with per-example arrays
+# Global batches transferred to the devices ahead of the step that uses them.
+DEVICE_PREFETCH = 2
+# Train steps the host may dispatch ahead of the device. Without a bound the host would queue a
+# whole logging window, each queued step holding its input batch in device memory.
+MAX_STEPS_IN_FLIGHT = 2
 
 
 class NonFiniteLossError(RuntimeError):
@@ -201,6 +208,22 @@ def train_step(state: TrainState, batch, *, model, tx, learning_rate_fn, config)
     return new_state, metrics
 
 
+def halt_on_nonfinite(state: TrainState, halted_at: jax.Array, batch, *, step_fn) -> tuple[TrainState, jax.Array, dict]:
+    """`step_fn` (a bound `train_step`), made a no-op from the first non-finite step on.
+
+    `halted_at` is -1 until a step reports ``finite = False``, then that step's index.
+    The training loop fetches metrics only every few steps (a host round trip per
+    step would leave an accelerator idle); this device-side latch guarantees that when
+    it does notice a NaN, the state it holds is exactly the one before the bad step,
+    however many steps were dispatched after it.
+    """
+    new_state, metrics = step_fn(state, batch)
+    halted = halted_at >= 0
+    new_state = jax.tree.map(lambda new, old: jnp.where(halted, old, new), new_state, state)
+    halted_at = jnp.where(halted | metrics["finite"], halted_at, state.step)
+    return new_state, halted_at, metrics
+
+
 def eval_step(state: TrainState, batch, *, model, use_ema: bool) -> dict:
     """Sums of loss and top-1/top-5 hits, and the confusion matrix, over the real (mask = 1) examples."""
     params, batch_stats = (state.ema_params, state.ema_batch_stats) if use_ema else (state.params, state.batch_stats)
@@ -231,10 +254,15 @@ def evaluate(jitted_eval_step, state, config, data_sharding) -> tuple[dict[str, 
         config, process_index=jax.process_index(), process_count=jax.process_count()
     )
     bad_files: set[str] = set()
-    for local_batch in iterator:
-        bad = pipeline.pop_bad_files(local_batch, config, config.data.eval_split)
-        _report_bad_files(bad, bad_files, config, "eval")
-        sums = jitted_eval_step(state, sharding.to_global_batch(local_batch, data_sharding))
+
+    def checked(local_batches):
+        for local_batch in local_batches:
+            bad = pipeline.pop_bad_files(local_batch, config, config.data.eval_split)
+            _report_bad_files(bad, bad_files, config, "eval")
+            yield local_batch
+
+    for batch in sharding.prefetch_to_device(checked(iterator), data_sharding, DEVICE_PREFETCH):
+        sums = jitted_eval_step(state, batch)
         totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
     totals = jax.device_get(totals)
     count = float(totals["count"])
@@ -299,12 +327,28 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         info.num_eval_examples, num_train_steps, steps_per_epoch, jax.device_count(),
     )  # fmt: skip
 
-    jitted_train_step = jax.jit(
-        functools.partial(train_step, model=model, tx=tx, learning_rate_fn=learning_rate_fn, config=config),
-        in_shardings=(replicated, data_sharding),
-        out_shardings=(replicated, replicated),
-        donate_argnums=0,
-    )
+    step_fn = functools.partial(train_step, model=model, tx=tx, learning_rate_fn=learning_rate_fn, config=config)
+    if config.skip_nonfinite_steps:
+        jitted_train_step = jax.jit(
+            step_fn,
+            in_shardings=(replicated, data_sharding),
+            out_shardings=(replicated, replicated),
+            donate_argnums=0,
+        )
+    else:  # the loop checks for NaN only when it fetches metrics: latch the first bad step on device
+        guarded_step = jax.jit(
+            functools.partial(halt_on_nonfinite, step_fn=step_fn),
+            in_shardings=(replicated, replicated, data_sharding),
+            out_shardings=(replicated, replicated, replicated),
+            donate_argnums=(0, 1),
+        )
+        halted_at = jax.device_put(jnp.array(-1, jnp.int32), replicated)
+
+        def jitted_train_step(state, batch):
+            nonlocal halted_at
+            state, halted_at, metrics = guarded_step(state, halted_at, batch)
+            return state, metrics
+
     jitted_eval_step = jax.jit(
         functools.partial(eval_step, model=model, use_ema=config.ema_decay > 0),
         in_shardings=(replicated, data_sharding),
@@ -317,57 +361,75 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     train_iterator = pipeline.create_train_iterator(
         config, start_step=start_step, process_index=jax.process_index(), process_count=jax.process_count()
     )
-    pending = None  # metrics of the previous step, checked while the current one runs
     last_metrics: dict[str, float] = {}
     skipped: list[int] = []
     bad_train_files: set[str] = set()
     wanted_snapshots = snapshot_steps(num_train_steps) if config.loss == "bias" else frozenset()
     snapshots_path = os.path.join(workdir, plots.SNAPSHOTS_FILE)
     snapshots = plots.load_snapshots(snapshots_path) if os.path.exists(snapshots_path) else {}
+    unfetched: list[tuple[int, dict]] = []  # (completed steps, on-device metrics of that step)
+    in_flight: collections.deque = collections.deque()
 
-    def finish(step_metrics, completed: int) -> None:
-        nonlocal last_metrics
-        metrics = jax.device_get(step_metrics)
-        if not bool(metrics["finite"]):
-            message = _non_finite_message(metrics, completed - 1)
-            if not config.skip_nonfinite_steps:
-                manager.wait_until_finished()  # the last good checkpoint is complete before we stop
-                raise NonFiniteLossError(message)
-            logging.warning("%s; skipped that batch (skip_nonfinite_steps=True)", message)
-            skipped.append(completed - 1)
-            return
-        per_example = metrics.pop(PER_EXAMPLE, None)
-        if completed in wanted_snapshots and is_chief:
-            snapshots[completed] = {k: np.asarray(v) for k, v in per_example.items()}
-            plots.save_snapshots(snapshots_path, snapshots)  # atomic; survives a restart
-        last_metrics = {k: float(np.asarray(v)) for k, v in metrics.items() if k != "finite"}
-        reporter.record(completed, last_metrics)
-
-    with PreemptionWatcher() as preemption, _finish_saves_on(BadImageError, manager):
+    def checked_batches():
         for step in range(start_step, num_train_steps):
             local_batch = next(train_iterator)
             bad = pipeline.pop_bad_files(local_batch, config, config.data.train_split)
             if bad:
                 _report_bad_files(bad, bad_train_files, config, f"train step {step}")
-            batch = sharding.to_global_batch(local_batch, data_sharding)
+            yield local_batch
+
+    def fetch_metrics() -> None:
+        """Brings the metrics of the steps run since the last call to the host (one transfer),
+        stops on a non-finite step (unless configured to skip), and reports them."""
+        nonlocal last_metrics
+        if not unfetched:
+            return
+        wanted = [
+            (completed, metrics if completed in wanted_snapshots else _without(metrics, PER_EXAMPLE))
+            for completed, metrics in unfetched
+        ]
+        unfetched.clear()
+        for completed, metrics in jax.device_get(wanted):
+            if not bool(metrics["finite"]):
+                message = _non_finite_message(metrics, completed - 1)
+                if not config.skip_nonfinite_steps:
+                    manager.wait_until_finished()  # the last good checkpoint is complete before we stop
+                    raise NonFiniteLossError(message)
+                logging.warning("%s; skipped that batch (skip_nonfinite_steps=True)", message)
+                skipped.append(completed - 1)
+                continue
+            per_example = metrics.pop(PER_EXAMPLE, None)
+            if per_example is not None and is_chief:
+                snapshots[completed] = {k: np.asarray(v) for k, v in per_example.items()}
+                plots.save_snapshots(snapshots_path, snapshots)  # atomic; survives a restart
+            last_metrics = {k: float(np.asarray(v)) for k, v in metrics.items() if k != "finite"}
+            reporter.record(completed, last_metrics)
+
+    batches = sharding.prefetch_to_device(checked_batches(), data_sharding, DEVICE_PREFETCH)
+    with PreemptionWatcher() as preemption, _finish_saves_on(BadImageError, manager):
+        for completed, batch in enumerate(batches, start=start_step + 1):
             state, metrics = jitted_train_step(state, batch)
-            if pending is not None:
-                finish(pending, step)
-            pending = metrics
-            completed = step + 1
+            unfetched.append((completed, metrics))
+            in_flight.append(metrics["finite"])
+            if len(in_flight) > MAX_STEPS_IN_FLIGHT:  # waits; the device still has queued steps
+                in_flight.popleft().block_until_ready()
             preempted = preemption.requested(manager, completed)
-            if preempted or completed % config.checkpoint_every_steps == 0 or completed == num_train_steps:
-                finish(pending, completed)
-                pending = None
+            save = preempted or completed % config.checkpoint_every_steps == 0 or completed == num_train_steps
+            evaluate_now = (
+                config.eval_every_steps and completed % config.eval_every_steps == 0 and completed != num_train_steps
+            )
+            # The first step is fetched at once, so throughput and the first log line exclude compilation.
+            if save or evaluate_now or completed % config.log_every_steps == 0 or completed == start_step + 1:
+                fetch_metrics()  # before saving: a checkpoint never holds a state past a non-finite step
+            if save:
                 checkpointing.save(manager, completed, state)
             if preempted:
                 manager.wait_until_finished()
                 logging.warning("Preempted: checkpoint at step %d is saved; rerun the same command to resume.", completed)
                 raise Preempted(completed)
-            if config.eval_every_steps and completed % config.eval_every_steps == 0 and completed != num_train_steps:
+            if evaluate_now:
                 reporter.write_eval(completed, evaluate(jitted_eval_step, state, config, data_sharding)[0])
-        if pending is not None:
-            finish(pending, num_train_steps)
+        fetch_metrics()
         manager.wait_until_finished()
 
     eval_metrics, confusion = evaluate(jitted_eval_step, state, config, data_sharding)
@@ -401,6 +463,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     manager.close()
     logging.info("Results: %s", json.dumps(results, sort_keys=True))
     return results
+
+
+def _without(mapping: dict, key: str) -> dict:
+    return {k: v for k, v in mapping.items() if k != key}
 
 
 def snapshot_steps(num_train_steps: int) -> frozenset[int]:

@@ -109,3 +109,23 @@ def test_non_finite_step_keeps_the_state(step_setup):
     chex.assert_trees_all_equal(new_state.params, state.params)
     chex.assert_trees_all_equal(new_state.opt_state, state.opt_state)
     assert int(new_state.step) == 1  # the data position still advances
+
+
+def test_halt_on_nonfinite_latches_the_first_bad_step(step_setup):
+    """The loop fetches metrics only every few steps: once a step is non-finite, the steps
+    dispatched after it must leave the state exactly as it was before the bad step."""
+    state, step, batch = step_setup
+    guarded = jax.jit(lambda s, h, b: train.halt_on_nonfinite(s, h, b, step_fn=step))
+    bad = dict(batch, image=batch["image"].at[0, 0, 0, 0].set(jnp.nan))
+    halted = jnp.array(-1, jnp.int32)
+    good_state, halted, _ = guarded(state, halted, batch)
+    assert int(halted) == -1 and int(good_state.step) == 1
+    after_bad, halted, metrics = guarded(good_state, halted, bad)
+    assert not bool(metrics["finite"]) and int(halted) == 1  # the index of the bad step
+    after_more, halted, metrics = guarded(after_bad, halted, batch)
+    assert bool(metrics["finite"]) and int(halted) == 1
+    assert int(after_more.step) == 2  # the bad step itself advanced the data position, nothing later
+    chex.assert_trees_all_equal(after_more.replace(step=good_state.step), good_state)
+    # Without a latch, the same good batch would have trained on.
+    trained_on, _ = step(after_bad, batch)
+    assert not all(jax.tree.leaves(jax.tree.map(lambda a, b: bool(jnp.all(a == b)), trained_on.params, good_state.params)))
