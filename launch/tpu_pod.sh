@@ -13,7 +13,7 @@
 # Settings (environment variables; the first three have no default):
 #   PROJECT, ZONE, BUCKET   GCP project, TPU zone, and a GCS bucket name (no gs://)
 #   TPU_NAME=skipnet  ACCELERATOR_TYPE=v4-32  RUNTIME_VERSION=tpu-ubuntu2204-base
-#   CONFIG=configs/imagenet_m.py   RUN=<config name>-<date>
+#   CONFIG=configs/imagenet_m.py   RUN=<config name>-<date>   PYTHON_VERSION=3.12
 #
 # The bucket is mounted with gcsfuse at /mnt/$BUCKET on every worker, and both
 # the TFDS data_dir (/mnt/$BUCKET/tensorflow_datasets, holding an
@@ -31,6 +31,10 @@ CONFIG=${CONFIG:-configs/imagenet_m.py}
 RUN=${RUN:-$(basename "$CONFIG" .py)-$(date +%Y%m%d-%H%M%S)}
 MOUNT=/mnt/${BUCKET}
 REMOTE_DIR=skipnet_jax  # under each worker's home directory
+# TPU VM images ship Python 3.10, older than the package supports (3.11-3.13): setup makes a
+# virtualenv with a Python 3.12 fetched by uv, and training runs that interpreter.
+PYTHON_VERSION=${PYTHON_VERSION:-3.12}
+VENV=skipnet-venv  # under each worker's home directory
 
 repo_root=$(cd "$(dirname "$0")/.." && pwd)
 tpu=(gcloud compute tpus tpu-vm --project="$PROJECT" --zone="$ZONE")
@@ -52,8 +56,10 @@ setup() {
   rm -f "$archive"
   on_all_workers "set -e
     rm -rf ~/${REMOTE_DIR} && mkdir -p ~/${REMOTE_DIR} && tar -xzf ~/skipnet_jax.tar.gz -C ~/${REMOTE_DIR}
-    python3 -m pip install --upgrade pip
-    python3 -m pip install -e ~/${REMOTE_DIR} 'jax[tpu]>=0.10,<0.11'
+    python3 -m pip install --user --upgrade uv
+    ~/.local/bin/uv venv --python ${PYTHON_VERSION} --seed --allow-existing ~/${VENV}
+    ~/.local/bin/uv pip install --python ~/${VENV}/bin/python -e \"\$HOME/${REMOTE_DIR}[tpu]\"
+    ~/${VENV}/bin/python -c 'import jax; assert jax.default_backend() == \"tpu\", jax.devices()'
     if ! command -v gcsfuse >/dev/null; then
       echo \"deb [signed-by=/usr/share/keyrings/cloud.google.asc] https://packages.cloud.google.com/apt gcsfuse-\$(lsb_release -c -s) main\" |
         sudo tee /etc/apt/sources.list.d/gcsfuse.list
@@ -72,7 +78,7 @@ train() {
   # Started in the background on every host (it survives the ssh session);
   # each host logs to ~/train.log.
   on_all_workers "cd ~/${REMOTE_DIR} && mkdir -p ${MOUNT}/runs && \
-    nohup python3 -m skipnet_jax.main --multihost --config=${CONFIG} \
+    nohup ~/${VENV}/bin/python -m skipnet_jax.main --multihost --config=${CONFIG} \
       --workdir=${MOUNT}/runs/${RUN} --config.data_dir=${MOUNT}/tensorflow_datasets${extra} \
       > ~/train.log 2>&1 < /dev/null &"
   echo "started run ${RUN}; workdir gs://${BUCKET}/runs/${RUN}; follow it with: $0 logs"
