@@ -5,7 +5,6 @@ Configuration mistakes end with one line on stderr naming the key and the
 valid choices, exit code 2, and nothing written to the workdir.
 """
 
-import logging as logging_lib
 import os
 import sys
 
@@ -16,7 +15,7 @@ import jax  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from skipnet_jax import config_validation, models, train  # noqa: E402
+from skipnet_jax import config_validation, console, models, train  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, TensorBoard logs and results.json.")
@@ -48,15 +47,6 @@ def _parse_flags(argv: list[str]) -> list[str]:
         _fail(f"invalid --config override: {e}")
 
 
-def _quiet_libraries() -> None:
-    """Keeps the console to our progress lines: other libraries' INFO chatter (orbax logs
-    every checkpoint file operation) is dropped; their warnings and errors still show."""
-    package_dir = os.path.dirname(os.path.abspath(__file__))
-    logging.get_absl_handler().addFilter(
-        lambda record: record.levelno >= logging_lib.WARNING or record.pathname.startswith(package_dir)
-    )
-
-
 def _initialize_distributed() -> None:
     """Joins a multi-process run; must come before anything touches a JAX device."""
     env = os.environ
@@ -83,7 +73,7 @@ def _initialize_distributed() -> None:
 def main(argv):
     if len(argv) > 1:
         _fail(f"unexpected arguments {argv[1:]}; settings are passed as --config.KEY=VALUE")
-    _quiet_libraries()
+    console.configure_logging()  # our progress lines; other libraries' INFO dropped
     _initialize_distributed()
     try:
         config = FLAGS.config
