@@ -283,14 +283,18 @@ def editable_location(name: str = PACKAGE) -> str | None:
 
 
 def describe(plan: Plan) -> list[str]:
-    lines = []
-    width = min(36, max((len(d.requirement) for d in plan.decisions), default=0))
+    """One line per requirement: the action, the requirement (marker left out) and why."""
+    rows = []
     for d in plan.decisions:
-        note = {"keep": f"kept: {d.installed}", "ok": f"installed: {d.installed}", "skip": "marker false here"}.get(
-            d.action, f"to install (now {d.installed})" if d.installed else "to install"
-        )
-        lines.append(f"  {d.action:<8} {d.requirement:<{width}}  {note}")
-    return lines
+        requirement, _, marker = d.requirement.partition(";")
+        note = {
+            "keep": f"kept: {d.installed}",
+            "ok": f"installed: {d.installed}",
+            "skip": f"not for this environment: {marker.strip()}",
+        }.get(d.action, f"to install (now {d.installed})" if d.installed else "to install")
+        rows.append((d.action, requirement.strip(), note))
+    width = max((len(r[1]) for r in rows), default=0)
+    return [f"  {action:<8} {requirement:<{width}}  {note}" for action, requirement, note in rows]
 
 
 def _run(command: list[str]) -> int:
@@ -304,9 +308,11 @@ def install(
     *,
     install_package: bool = True,
     quiet: bool = False,
-    run: Callable[[list[str]], int] = _run,
+    run: Callable[[list[str]], int] | None = None,
 ) -> int:
-    """Runs the pip commands with the constraints file in place; returns pip's exit status."""
+    """Runs the pip commands (through `run`, default: a subprocess) with the constraints file in
+    place; returns pip's exit status."""
+    run = run or _run
     with tempfile.TemporaryDirectory(prefix="skipnet_install_") as tmp:
         constraints_path = os.path.join(tmp, "constraints.txt")
         with open(constraints_path, "w") as f:
@@ -375,6 +381,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("error: pinned packages changed: " + ", ".join(moved_pins), file=sys.stderr)
         return 1
     print("Kept: " + (", ".join(f"{n} {v}" for n, v in plan.pins if is_kept_family(n)) or "nothing (none installed)"))
+    for d in plan.decisions:
+        if d.action == "keep" and d.installed.split()[0] != d.name:
+            print(
+                f"(pip's report that {PACKAGE} requires {d.name}, which is not installed, is expected: "
+                f"the installed {d.installed} provides it)"
+            )
     if changed:
         print("Changed versions of packages installed before (restart Python if one was imported): " + ", ".join(changed))
     still_missing = make_plan(requirements, after).missing

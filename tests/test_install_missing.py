@@ -166,6 +166,50 @@ def test_dry_run_against_the_real_setup_cfg(how, tmp_path):
     plan = [line.split() for line in lines[1:] if line.startswith("  ")]
     assert ["keep", "jax>=0.10,<0.13"] == plan[0][:2]
     assert {row[0] for row in plan} <= {"keep", "ok", "skip"}, result.stdout
-    assert any(row[:2] == ["keep", "tensorflow-cpu==2.21.*;"] for row in plan) or any(row[:2] == ["keep", "tensorflow==2.21.*;"] for row in plan)
+    tensorflow = [row for row in plan if row[1] in ("tensorflow-cpu==2.21.*", "tensorflow==2.21.*")]
+    assert sorted(row[0] for row in tensorflow) == ["keep", "skip"]  # one build for this machine, kept
     assert any(row[1] == "tf2onnx==1.17.0" for row in plan)  # the extra was read
     assert "pip install -c" not in result.stdout  # nothing missing here
+
+
+def _fake_environment(monkeypatch, tmp_path, pip_installs):
+    """A repository with a small setup.cfg, and an environment holding a Colab-like JAX and TensorFlow
+    where running pip adds (or changes) the distributions in `pip_installs`."""
+    (tmp_path / "setup.cfg").write_text(
+        "[options]\npython_requires = >=3.11\ninstall_requires =\n    jax>=0.10,<0.13\n    tensorflow-cpu==2.21.*\n"
+        "    flax>=0.12,<0.13\n    numpy>=1.26\n[options.extras_require]\nexport =\n    onnx>=1.17\n"
+    )
+    env = {"jax": "0.9.0", "jaxlib": "0.9.0", "jax-cuda12-plugin": "0.9.0", "tensorflow": "2.21.0", "numpy": "2.1.0"}
+    requires = {"jax": ["jaxlib<=0.9.0", "numpy>=2.0"]}
+    ran = []
+
+    def run(command):
+        ran.append(command)
+        if "-c" in command:
+            env.update(pip_installs)
+        return 0
+
+    monkeypatch.setattr(im, "installed_distributions", lambda: (dict(env), requires))
+    monkeypatch.setattr(im, "editable_location", lambda name=im.PACKAGE: None)
+    monkeypatch.setattr(im, "_run", run)
+    return ran
+
+
+def test_main_installs_the_missing_and_reports_what_it_kept(monkeypatch, tmp_path, capsys):
+    ran = _fake_environment(monkeypatch, tmp_path, {"flax": "0.12.8", "onnx": "1.20.0", "skipnet-jax": "0.1.0"})
+    assert im.main(["--repo", str(tmp_path), "--extra", "export", "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert [command[command.index("install") + 1 :] for command in ran] == [
+        ["-q", "--no-deps", "-e", str(tmp_path)],
+        ["-q", "-c", ran[1][ran[1].index("-c") + 1], "flax<0.13,>=0.12", "onnx>=1.17"],
+    ]
+    assert "warning: keeping the installed jax 0.9.0; skipnet_jax is tested with jax>=0.10,<0.13" in out
+    assert "Kept: jax 0.9.0, jax-cuda12-plugin 0.9.0, jaxlib 0.9.0, tensorflow 2.21.0\n" in out
+    assert "requires tensorflow-cpu, which is not installed, is expected: the installed tensorflow 2.21.0 provides it" in out
+    assert out.endswith("Done: every requirement is installed.\n")
+
+
+def test_main_fails_when_pip_changed_a_kept_package(monkeypatch, tmp_path, capsys):
+    _fake_environment(monkeypatch, tmp_path, {"flax": "0.12.8", "jax": "0.12.0"})
+    assert im.main(["--repo", str(tmp_path)]) == 1
+    assert "error: pinned packages changed: jax 0.9.0 -> 0.12.0" in capsys.readouterr().err
