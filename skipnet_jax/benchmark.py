@@ -4,7 +4,8 @@ Command line::
 
     python -m skipnet_jax.benchmark --model skipnet_m --batch_size 32 --image_size 224 --mode train
         [--dtype float32|bfloat16] [--loss bias|ce] [--steps K] [--warmup W] [--rounds R]
-        [--json] [--compare torch] [--compare_loss]
+        [--json] [--compare torch [--torch_device cpu|cuda|auto] [--torch_channels_last]
+        [--torch_compile]] [--compare_loss]
 
 What is timed is exactly what training and evaluation run: the real
 :func:`skipnet_jax.train.train_step` / :func:`skipnet_jax.train.eval_step`, jitted over
@@ -37,7 +38,12 @@ Measurement:
 backward and an SGD step (momentum 0.9, weight decay 4e-5 on conv/linear weights only,
 like the JAX optimiser); eval = ``model.eval()`` forward under ``torch.no_grad()``.
 ``ratio`` = JAX img/s / PyTorch img/s.  Only ``skipnet_*`` models have a PyTorch
-counterpart.
+counterpart.  By default the PyTorch side runs on the CPU in float32; ``--dtype bfloat16``
+runs it under ``torch.autocast`` bf16 (float32 parameters, as the JAX side keeps them),
+``--torch_device cuda|auto`` on the GPU, ``--torch_channels_last`` in NHWC memory format,
+and ``--torch_compile`` through ``torch.compile`` (its compilation runs, and is reported as
+``torch_compile_s``, before the warm-up).  :mod:`skipnet_jax.accelerator_check` uses these
+sides for its GPU comparison.
 
 ``--compare_loss`` (train only) times the JAX train step with bias loss and with plain
 cross-entropy, alternating, and reports ``bias_overhead_pct`` = 100 * (t_bias / t_ce - 1).
@@ -104,6 +110,17 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--compare_loss", action="store_true", help="train: bias loss vs cross-entropy overhead")
     p.add_argument(
         "--torch_threads", type=int, default=0, help="torch.set_num_threads for --compare torch (0: torch's default)"
+    )
+    p.add_argument(
+        "--torch_device",
+        default="cpu",
+        help="device of the PyTorch side: cpu, cuda, or auto (cuda where PyTorch sees a GPU)",
+    )
+    p.add_argument(
+        "--torch_channels_last", action="store_true", help="PyTorch side: weights and input in channels_last (NHWC)"
+    )
+    p.add_argument(
+        "--torch_compile", action="store_true", help="PyTorch side: torch.compile forward (+ loss); compile timed apart"
     )
     p.add_argument(
         "--malloc",
@@ -273,8 +290,49 @@ def jax_side(config, mode: str, seed: int = 0, name: str = "jax") -> Side:
     return side
 
 
-def torch_side(config, mode: str, seed: int = 0, name: str = "torch", threads: int = 0) -> Side:
-    """The in-tree PyTorch SkipNet doing the same work (eager, NCHW, float32)."""
+def torch_device(name: str) -> str:
+    """``auto`` -> ``cuda`` where PyTorch sees a GPU, else ``cpu``; a named device must exist.
+
+    Resolved before anything is built, so an unusable device is one ``error:`` line, not a
+    traceback after minutes of JAX compilation.
+    """
+    import torch  # noqa: PLC0415 - optional, only for the PyTorch comparison
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise BenchmarkError(f"--torch_device cuda: this PyTorch ({torch.__version__}) sees no CUDA device")
+    if name not in ("cpu", "cuda"):
+        raise BenchmarkError(f"unknown torch device {name!r}; valid choices: auto, cpu, cuda")
+    return name
+
+
+def torch_side(
+    config,
+    mode: str,
+    seed: int = 0,
+    name: str = "torch",
+    threads: int = 0,
+    *,
+    device: str = "cpu",
+    channels_last: bool = False,
+    torch_compile: bool = False,
+    compile_mode: str | None = None,
+) -> Side:
+    """The in-tree PyTorch SkipNet doing the same work as :func:`jax_side`.
+
+    The compute dtype follows ``config.dtype`` the way the JAX side does: ``float32`` runs
+    plain float32; ``bfloat16`` runs forward and loss under ``torch.autocast(device,
+    bfloat16)`` with float32 parameters (AMP; no gradient scaler, bf16 needs none).
+    ``channels_last`` stores weights and the input batch NHWC (what cuDNN's fast
+    convolutions want); ``torch_compile`` wraps forward (+ loss, for train) in ``torch.compile``;
+    its compilation happens in the first call, which is run and timed here
+    (``info["compile_s"]``: compilation plus one step) so that it never lands in a timed
+    round.  On CUDA every ``run(k)`` ends with ``torch.cuda.synchronize`` so the clock
+    covers finished work, like ``block_until_ready`` on the JAX side.
+    """
+    import contextlib
+
     import torch  # noqa: PLC0415 - optional, only for --compare torch
     from torch.nn import functional as F
 
@@ -285,19 +343,31 @@ def torch_side(config, mode: str, seed: int = 0, name: str = "torch", threads: i
             f"--compare torch: {config.model!r} has no PyTorch counterpart; "
             f"valid choices: {', '.join(sorted(TORCH_VARIANTS))}"
         )
-    if config.dtype != "float32":
-        raise BenchmarkError("--compare torch needs --dtype float32 (the reference runs in float32)")
+    if config.dtype not in ("float32", "bfloat16"):
+        raise BenchmarkError(f"--compare torch: no PyTorch counterpart of dtype {config.dtype!r}")
     if threads > 0:
         torch.set_num_threads(threads)
+    dev = torch.device(device)
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
     variant_mode, width = torch_skipnet.VARIANTS[TORCH_VARIANTS[config.model]]
     torch.manual_seed(seed)
     model = torch_skipnet.TorchSkipNet(
         variant_mode, width, num_classes=NUM_CLASSES, dropout_rate=config.dropout_rate
     )
+    model = model.to(device=dev, memory_format=memory_format)
     g = torch.Generator().manual_seed(seed)
     b, s = config.batch_size, config.image_size
-    images = torch.randn(b, 3, s, s, generator=g)
-    labels = torch.randint(0, NUM_CLASSES, (b,), generator=g)
+    images = torch.randn(b, 3, s, s, generator=g).to(dev).contiguous(memory_format=memory_format)
+    labels = torch.randint(0, NUM_CLASSES, (b,), generator=g).to(dev)
+
+    def autocast():
+        if config.dtype == "bfloat16":
+            return torch.autocast(dev.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def finish() -> None:
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
 
     if mode == "train":
         model.train()
@@ -314,27 +384,46 @@ def torch_side(config, mode: str, seed: int = 0, name: str = "torch", threads: i
                 alpha=config.bias_loss.alpha, beta=config.bias_loss.beta, normalisation_mode=config.bias_loss.mode
             )
 
+        def forward_loss(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            logits, features = model.forward_with_features(x)
+            return bias(features, logits, y) if bias is not None else F.cross_entropy(logits, y)
+
+        step_loss = torch.compile(forward_loss, mode=compile_mode) if torch_compile else forward_loss
+
         def run(k: int) -> None:
             for _ in range(k):
                 opt.zero_grad(set_to_none=True)
-                logits, features = model.forward_with_features(images)
-                if bias is not None:
-                    loss = bias(features, logits, labels)
-                else:
-                    loss = F.cross_entropy(logits, labels)
+                with autocast():
+                    loss = step_loss(images, labels)
                 loss.backward()
                 opt.step()
+            finish()
 
     else:
         model.eval()
+        forward = torch.compile(model, mode=compile_mode) if torch_compile else model
 
         def run(k: int) -> None:
-            with torch.no_grad():
+            with torch.no_grad(), autocast():
                 for _ in range(k):
-                    model(images)
+                    forward(images)
+            finish()
 
     side = Side(name, run, b)
-    side.info = {"torch_version": torch.__version__, "torch_threads": torch.get_num_threads()}
+    side.info = {
+        "torch_version": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "device": str(dev),
+        "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
+        "autocast": "bfloat16" if config.dtype == "bfloat16" else None,
+        "channels_last": channels_last,
+        "compiled": torch_compile,
+        "compile_mode": compile_mode if torch_compile else None,
+    }
+    if torch_compile:
+        t0 = time.perf_counter()
+        run(1)
+        side.info["compile_s"] = time.perf_counter() - t0
     return side
 
 
@@ -379,8 +468,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
             f"--compare torch: {args.model!r} has no PyTorch counterpart; "
             f"valid choices: {', '.join(sorted(TORCH_VARIANTS))}"
         )
-    if args.compare == "torch" and args.dtype != "float32":
-        raise BenchmarkError("--compare torch needs --dtype float32 (the reference runs in float32)")
+    device = torch_device(args.torch_device) if args.compare == "torch" else None
     if args.batch_size % jax.device_count():
         raise BenchmarkError(f"--batch_size {args.batch_size} is not divisible by the {jax.device_count()} devices")
 
@@ -404,7 +492,15 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         bias_side, ce_side = (main, other) if args.loss == "bias" else (other, main)
     torch = None
     if args.compare == "torch":
-        torch = torch_side(config, args.mode, args.seed, threads=args.torch_threads)
+        torch = torch_side(
+            config,
+            args.mode,
+            args.seed,
+            threads=args.torch_threads,
+            device=device,
+            channels_last=args.torch_channels_last,
+            torch_compile=args.torch_compile,
+        )
         sides.append(torch)
 
     time_alternating(sides, steps=args.steps, warmup=args.warmup, rounds=args.rounds)
@@ -451,8 +547,14 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
             "torch_page_faults_per_step": statistics.median(torch.round_faults),
             "torch_threads": torch.info["torch_threads"],
             "torch_version": torch.info["torch_version"],
+            "torch_device": torch.info["device"],
+            "torch_autocast": torch.info["autocast"],
+            "torch_channels_last": torch.info["channels_last"],
+            "torch_compiled": torch.info["compiled"],
             "ratio": main.img_per_s() / torch.img_per_s(),
         }
+        if "compile_s" in torch.info:
+            result["torch_compile_s"] = torch.info["compile_s"]
     if ce_side is not None:
         result |= {
             "bias_step_ms": 1000.0 * bias_side.step_seconds(),
@@ -463,6 +565,20 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
             "bias_overhead_pct": 100.0 * (bias_side.step_seconds() / ce_side.step_seconds() - 1.0),
         }
     return result
+
+
+def _torch_flavour(r: dict[str, Any]) -> str:
+    """How the PyTorch side ran, e.g. ``cuda, bf16 autocast, channels_last, compiled in 41.0 s``."""
+    parts = [r.get("torch_device", "cpu")]
+    if parts[0] == "cpu":
+        parts.append(f"{r['torch_threads']} threads")
+    if r.get("torch_autocast"):
+        parts.append(f"{r['torch_autocast']} autocast")
+    if r.get("torch_channels_last"):
+        parts.append("channels_last")
+    if r.get("torch_compiled"):
+        parts.append(f"torch.compile'd in {r['torch_compile_s']:.1f} s")
+    return ", ".join(parts)
 
 
 def format_result(r: dict[str, Any]) -> str:
@@ -478,7 +594,7 @@ def format_result(r: dict[str, Any]) -> str:
         lines.insert(
             2,
             f"  torch: {r['torch_img_per_s']:8.1f} img/s  ({r['torch_step_ms']:.1f} ms/step, "
-            f"{r['torch_threads']} threads)  ->  JAX/torch = {r['ratio']:.2f}x",
+            f"{_torch_flavour(r)})  ->  JAX/torch = {r['ratio']:.2f}x",
         )
     if "bias_overhead_pct" in r:
         lines.append(

@@ -159,7 +159,12 @@ def decide(requirement: str, installed: Mapping[str, str], environment: Mapping[
     return Decision(requirement, "install")
 
 
-def dependency_closure(roots: Iterable[str], installed: Mapping[str, str], requires: Mapping[str, Sequence[str]]) -> set[str]:
+def dependency_closure(
+    roots: Iterable[str],
+    installed: Mapping[str, str],
+    requires: Mapping[str, Sequence[str]],
+    environment: Mapping[str, str] | None = None,
+) -> set[str]:
     """`roots` and every installed distribution they depend on (through installed ones only).
 
     `requires` maps a canonical name to its `Requires-Dist` lines; requirements of extras and
@@ -177,7 +182,7 @@ def dependency_closure(roots: Iterable[str], installed: Mapping[str, str], requi
                 req = Requirement(line)
             except ValueError:
                 continue
-            if _marker_applies(req, {"extra": ""}):
+            if _marker_applies(req, {**(environment or {}), "extra": ""}):
                 todo.append(canonicalize_name(req.name))
     return seen
 
@@ -197,7 +202,7 @@ def make_plan(
     installed = {canonicalize_name(k): v for k, v in installed.items()}
     decisions = tuple(decide(r, installed, environment) for r in requirements)
     stack = {name for name in installed if is_kept_family(name)}
-    pinned = dependency_closure(stack, installed, requires or {})
+    pinned = dependency_closure(stack, installed, requires or {}, environment)
     # A requirement of ours that an installed dependency of the stack does not meet is installed
     # anyway (then pip warns if the stack objects); JAX/TensorFlow themselves are never replaced.
     pinned -= {d.name for d in decisions if d.action == "install" and not is_kept_family(d.name)}

@@ -11,6 +11,8 @@ training cell showed its progress lines.
 import json
 import os
 import re
+import subprocess
+import sys
 
 import nbclient
 import nbformat
@@ -55,3 +57,29 @@ def test_colab_notebook_runs_on_cpu(digits_data_dir, tmp_path, monkeypatch):
         "bias_vs_cross_entropy.png", "confusion_matrix.png", "training_curves.png", "variance_histograms.png"
     ]  # fmt: skip
     assert (workdir / "model.tflite").stat().st_size > 100_000
+
+
+def test_configure_logging_shows_our_progress_outside_app_run():
+    """What the notebook's training cell relies on, in a plain interpreter (no absl.app.run)."""
+    script = """
+import logging, sys
+from absl import logging as absl_logging
+absl_logging.info("before: dropped, as absl drops INFO outside app.run")
+from skipnet_jax import console, reporting
+console.configure_logging()
+console.configure_logging()  # idempotent: one handler, one filter
+reporter = reporting.ProgressReporter(None, num_train_steps=4, batch_size=8, log_every_steps=2)
+for step in range(1, 5):
+    reporter.record(step, {"loss": 1.0, "accuracy": 0.5, "learning_rate": 0.1})
+absl_logging.info("another library's INFO through absl: dropped")
+logging.getLogger("jax").info("jax INFO: dropped")
+logging.getLogger("jax").warning("jax WARNING: shown")
+"""
+    result = subprocess.run(
+        [sys.executable, "-c", script], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120, check=True
+    )
+    messages = [re.sub(r"^[IWE]\d{4} [\d:.]+ +\d+ (\S+:\d+)\] ", r"\1 ", line) for line in result.stderr.splitlines()]
+    assert len(messages) == 3, result.stderr
+    assert re.fullmatch(r"reporting\.py:\d+ step 2/4  loss 1\.0000  acc 0\.500  lr 0\.1  [\d.]+ img/s  ETA 0m00s", messages[0])
+    assert re.fullmatch(r"reporting\.py:\d+ step 4/4  loss 1\.0000  acc 0\.500  lr 0\.1  [\d.]+ img/s  ETA 0m00s", messages[1])
+    assert re.fullmatch(r"<string>:\d+ jax WARNING: shown", messages[2])
