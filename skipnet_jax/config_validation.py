@@ -136,6 +136,14 @@ def validate_config(config: ml_collections.ConfigDict, *, device_count: int, mod
         lambda v: all(_is_number(e) and e > 0 for e in v) and list(v) == sorted(v),
         "an increasing sequence of positive epochs",
     )
+    if config.schedule == "step":
+        _check(config, "lr_step_epochs", lambda v: len(v) > 0, 'non-empty with schedule="step" (the epochs at which to decay)')
+        _check(
+            config,
+            "lr_step_epochs",
+            lambda v: v[0] > config.warmup_epochs,
+            f"after warmup_epochs ({config.warmup_epochs}); a decay inside the warm-up would land at its end",
+        )
     _check(config, "nesterov", lambda v: isinstance(v, bool), "True or False")
 
     _check(config, "bias_loss.alpha", lambda v: _is_number(v) and v > 0, "a positive number")

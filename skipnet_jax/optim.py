@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import math
 
 import jax
@@ -30,11 +31,12 @@ def create_learning_rate_fn(
             staircase=True,
         )
     elif config.schedule == "step":
-        boundaries = {
-            max(int(round(epoch * steps_per_epoch)) - warmup_steps, 1): config.lr_step_factor
-            for epoch in config.lr_step_epochs
-        }
-        decay = optax.piecewise_constant_schedule(peak, boundaries)
+        # Epochs that round to the same step each still apply their factor there (optax takes
+        # one scale per boundary, so coinciding boundaries are merged by multiplying).
+        steps = collections.Counter(
+            max(int(round(epoch * steps_per_epoch)) - warmup_steps, 1) for epoch in config.lr_step_epochs
+        )
+        decay = optax.piecewise_constant_schedule(peak, {s: config.lr_step_factor**n for s, n in steps.items()})
     elif config.schedule == "constant":
         decay = optax.constant_schedule(peak)
     else:
@@ -93,6 +95,17 @@ def create_optimizer(config: ml_collections.ConfigDict, learning_rate_fn: optax.
     else:
         raise ValueError(f"config.optimizer={config.optimizer!r} is not valid")
     return optax.chain(*parts)
+
+
+def schedule_count(opt_state) -> jax.Array:
+    """The number of updates the optimiser has applied: the step its learning-rate schedule
+    is evaluated at next.  It trails the train state's step by the number of skipped
+    non-finite steps, whose updates (count included) are discarded."""
+    is_schedule_state = lambda x: isinstance(x, optax.ScaleByScheduleState)  # noqa: E731
+    states = [s for s in jax.tree.leaves(opt_state, is_leaf=is_schedule_state) if is_schedule_state(s)]
+    if not states:
+        raise ValueError("the optimiser state holds no learning-rate schedule count")
+    return states[0].count
 
 
 def steps_for(config: ml_collections.ConfigDict, num_train_examples: int) -> tuple[int, int]:

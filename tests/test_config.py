@@ -53,6 +53,8 @@ def test_defaults_and_shipped_configs_are_valid():
         ({"checkpoint_every_steps": 0}, r"config\.checkpoint_every_steps=0 "),
         ({"num_classes": 1}, r"config\.num_classes=1 "),
         ({"lr_step_epochs": (122, 80)}, r"config\.lr_step_epochs=\(122, 80\) .*increasing"),
+        ({"schedule": "step", "lr_step_epochs": ()}, r"config\.lr_step_epochs=\(\) .*non-empty"),
+        ({"schedule": "step", "warmup_epochs": 5.0, "lr_step_epochs": (5, 80)}, r"config\.lr_step_epochs=\(5, 80\) .*after warmup_epochs \(5\.0\)"),
         ({"data__mean": (0.5, 0.5)}, r"config\.data\.mean=\(0\.5, 0\.5\) .*three numbers"),
         ({"data__std": (0.5, 0.0, 0.5)}, r"config\.data\.std=.*positive"),
         ({"dataset": ""}, r"config\.dataset='' "),

@@ -6,6 +6,7 @@ import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from skipnet_jax import optim
@@ -44,6 +45,26 @@ def test_step_schedule_at_epochs():
         _config(learning_rate=0.1, schedule="step", lr_step_epochs=(2, 4), lr_step_factor=0.1), 10, 60
     )
     chex.assert_trees_all_close([fn(19), fn(20), fn(39), fn(40)], [0.1, 0.01, 0.01, 0.001], rtol=1e-5)
+
+
+def test_step_epochs_that_round_to_one_step_each_apply_their_factor():
+    # 10 steps per epoch: epochs 2.0 and 2.04 are both step 20; 2 steps of warm-up.
+    fn = optim.create_learning_rate_fn(
+        _config(learning_rate=0.1, schedule="step", lr_step_epochs=(2.0, 2.04, 4), lr_step_factor=0.5,
+                warmup_epochs=0.2),
+        10, 60,
+    )  # fmt: skip
+    chex.assert_trees_all_close([fn(19), fn(20), fn(39), fn(40)], [0.1, 0.025, 0.025, 0.0125], rtol=1e-5)
+
+
+def test_schedule_count_is_the_optimisers_own_step():
+    params = {"w": jnp.ones(3)}
+    for name in ("sgd", "rmsprop", "adamw"):
+        tx = optim.create_optimizer(_config(optimizer=name, grad_clip_norm=1.0), optax.linear_schedule(0.0, 1.0, 10))
+        opt_state = tx.init(params)
+        for expected in range(3):
+            assert int(optim.schedule_count(opt_state)) == expected, name
+            _, opt_state = tx.update({"w": jnp.ones(3)}, opt_state, params)
 
 
 def test_weight_decay_mask_skips_batchnorm_and_biases():
