@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import numbers
 import os
+import re
 from typing import Any, Callable, Iterable
 
 import ml_collections
@@ -184,6 +185,12 @@ def check_num_classes(config: ml_collections.ConfigDict, dataset_num_classes: in
 
 def check_workdir_writable(workdir: str) -> None:
     """Fails early, and without creating or changing any file, if workdir cannot be used."""
+    if re.match(r"[A-Za-z][A-Za-z0-9+.-]*://", workdir):
+        # os.makedirs would silently make a local directory named "gs:".
+        raise ConfigError(
+            f"--workdir={workdir!r} is a URL; only local or mounted directories are supported "
+            "(mount a bucket with gcsfuse, as launch/tpu_pod.sh does, and pass the mount path)"
+        )
     path = os.path.abspath(workdir)
     probe = path
     while not os.path.exists(probe):

@@ -95,3 +95,11 @@ def test_workdir_checks(tmp_path):
     with pytest.raises(cv.ConfigError, match="is not a directory"):
         cv.check_workdir_writable(str(blocker / "sub"))
     assert not (tmp_path / "new").exists()
+
+
+@pytest.mark.parametrize("url", ["gs://bucket/run", "s3://b/r", "file:///tmp/x"])
+def test_url_workdir_is_refused(url, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(cv.ConfigError, match=r"--workdir='.*' is a URL; only local or mounted directories"):
+        cv.check_workdir_writable(url)
+    assert list(tmp_path.iterdir()) == []
