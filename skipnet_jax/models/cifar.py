@@ -20,8 +20,9 @@ Shared conventions:
 
 * every conv pads ``(k - 1) // 2`` on each side (PyTorch ``padding=(k-1)//2``) and has
   no bias (each one feeds a BatchNorm);
-* BatchNorm: momentum 0.9 (PyTorch 0.1), epsilon 1e-5, batch statistics and a
-  ``'batch_stats'`` update in train mode;
+* BatchNorm (`layers.BatchNorm`): momentum 0.9 (PyTorch 0.1), epsilon 1e-5, batch
+  statistics and a ``'batch_stats'`` update in train mode, whose running variance is
+  PyTorch's unbiased one;
 * initialisation is PyTorch's default, as the release uses it: conv and Dense kernels
   ``U(-1/sqrt(fan_in), 1/sqrt(fan_in))``, Dense bias likewise, BN scale 1 / bias 0;
 * ``dropout_rate`` (default 0: none of these architectures has dropout) adds dropout
@@ -40,7 +41,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from skipnet_jax.models import register_model
-from skipnet_jax.models.layers import DepthwiseConv, global_avg_pool, torch_padding
+from skipnet_jax.models.layers import BatchNorm, DepthwiseConv, global_avg_pool, torch_padding
 
 Array = jax.Array
 Dtype = Any
@@ -97,7 +98,7 @@ class _Common(nn.Module):
         )
 
     def _bn(self, train: bool, name: str | None = None):
-        return nn.BatchNorm(
+        return BatchNorm(
             use_running_average=not train,
             momentum=self.bn_momentum,
             epsilon=self.bn_epsilon,
@@ -191,9 +192,9 @@ def channel_shuffle(x: Array, groups: int = 2) -> Array:
 class ShuffleNetV2Cifar(_Common):
     """ShuffleNetV2 (Ma et al. 2018) with a CIFAR stem; defaults are the 0.5x model.
 
-    The units are the paper's (and torchvision's) layout; only the stem differs:
-    3x3 conv **stride 1** (3 -> 24) BN ReLU and **no max-pool**, the usual CIFAR
-    adaptation, so a 32 px input reaches the stages at 32x32 and conv5 at 4x4.
+    The units are the paper's (and torchvision's) layout; only the stem differs: the
+    release's 3x3 conv **stride 1** (3 -> 24) and BN, with **no ReLU** and **no
+    max-pool**, so a 32 px input reaches the stages at 32x32 and conv5 at 4x4.
 
     * Stages 2-4 have ``stages_repeats`` = (4, 8, 4) units with out widths 48, 96, 192
       (``stages_out_channels[1:4]``); each stage starts with a stride-2 unit.
@@ -208,8 +209,8 @@ class ShuffleNetV2Cifar(_Common):
     32 px, what bias loss uses) and ``embedding`` (N, 1024).
 
     Note: the release's ``shufflenetv2`` model file has a different unit (its stride-2
-    right branch keeps ``in`` channels up to the last 1x1, every conv has a bias, its
-    stem has no ReLU) and its factory builds the 1.0x widths (24, 116, 232, 464, 1024)
+    right branch keeps ``in`` channels up to the last 1x1, every conv has a bias) and
+    its factory builds the 1.0x widths (24, 116, 232, 464, 1024)
     although the release table says 0.5x; pass ``stages_out_channels`` to build other
     widths.
     """
@@ -226,7 +227,7 @@ class ShuffleNetV2Cifar(_Common):
         aux: dict[str, Array] = {}
         x = jnp.asarray(images, self.dtype)
         x = self._conv(self.stages_out_channels[0], 3, name="stem_conv")(x)
-        x = nn.relu(self._bn(train, name="stem_bn")(x))
+        x = self._bn(train, name="stem_bn")(x)  # no ReLU: the release's stem is conv + BN
         aux["stem"] = x
         for s, (repeats, out) in enumerate(
             zip(self.stages_repeats, self.stages_out_channels[1:-1])

@@ -13,7 +13,8 @@ Conventions shared by every module here:
   BatchNorm scale 1 / bias 0, Dense weights ``N(0, 0.01)`` / bias 0.
 * BatchNorm: epsilon 1e-5, momentum 0.9 (= PyTorch momentum 0.1).  In train mode
   the module uses batch statistics and updates the mutable ``'batch_stats'``
-  collection; in eval mode it uses the running averages.
+  collection (the running variance with the unbiased batch variance, as PyTorch);
+  in eval mode it uses the running averages.
 """
 
 from __future__ import annotations
@@ -415,16 +416,34 @@ def _batch_norm_train_bwd(epsilon, res, cts):
 _batch_norm_train.defvjp(_batch_norm_train_fwd, _batch_norm_train_bwd)
 
 
+def _bessel_factor(n):
+    """``n / (n - 1)``, PyTorch's correction of the running variance; 1 for ``n <= 1``
+    (no unbiased estimate exists; PyTorch refuses a train-mode batch of one value per
+    channel).  ``n``: a Python number or an array of per-channel counts."""
+    if isinstance(n, (int, float)):
+        return n / (n - 1) if n > 1 else 1.0
+    return jnp.where(n > 1, n / jnp.maximum(n - 1, 1), 1.0)
+
+
 class BatchNorm(nn.BatchNorm):
-    """``nn.BatchNorm`` with a faster train-mode path for NHWC inputs.
+    """``nn.BatchNorm`` with PyTorch's running variance and a faster train-mode path for
+    NHWC inputs.
 
     Same fields, variables (``scale``/``bias`` params, ``mean``/``var`` batch_stats) and
-    results as ``nn.BatchNorm`` (within float32 round-off).  In train mode, for the
-    configuration used throughout this package (last-axis features, scale and bias,
-    two-pass variance, float32 statistics, no ``axis_name`` or mask) the statistics and
-    the gradient come from `_batch_norm_train`, which XLA:CPU runs in about half the
-    memory passes of the autodiff of the generic module.  Everything else (eval mode,
-    initialisation, other settings) is ``nn.BatchNorm`` itself.
+    outputs as ``nn.BatchNorm`` (within float32 round-off).  The running variance is
+    PyTorch's (``torch.nn.BatchNorm2d``, the release's framework, whose weights are
+    converted and fine-tuned here): the batch is normalised with the biased batch
+    variance, but ``var`` is updated with the unbiased one, ``momentum * var + (1 -
+    momentum) * batch_var * n / (n - 1)``, ``n`` the number of values per channel (the
+    unmasked ones with a mask, over all of ``axis_name`` with one); ``nn.BatchNorm``
+    stores the biased one.
+
+    In train mode, for the configuration used throughout this package (last-axis
+    features, scale and bias, two-pass variance, float32 statistics, no ``axis_name`` or
+    mask) the statistics and the gradient come from `_batch_norm_train`, which XLA:CPU
+    runs in about half the memory passes of the autodiff of the generic module.
+    Everything else (eval mode, initialisation, other settings) is ``nn.BatchNorm``
+    itself, with the running variance's update rescaled as above.
     """
 
     @nn.compact
@@ -444,7 +463,9 @@ class BatchNorm(nn.BatchNorm):
             and jnp.issubdtype(x.dtype, jnp.floating)
         )
         if not fast:
-            return super().__call__(x, use_running_average, mask=mask)
+            if running or self.is_initializing():
+                return super().__call__(x, use_running_average, mask=mask)
+            return self._generic_train(x, use_running_average, mask)
         c = x.shape[-1]
         ra_mean = self.variable("batch_stats", "mean", lambda s: jnp.zeros(s, jnp.float32), (c,))
         ra_var = self.variable("batch_stats", "var", lambda s: jnp.ones(s, jnp.float32), (c,))
@@ -453,10 +474,37 @@ class BatchNorm(nn.BatchNorm):
         y, mean, var = _batch_norm_train(
             x, scale.astype(jnp.float32), bias.astype(jnp.float32), float(self.epsilon)
         )
+        n = x.shape[0] * x.shape[1] * x.shape[2]
         ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
-        ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * var
+        ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * var * _bessel_factor(n)
         out_dtype = nn.dtypes.canonicalize_dtype(x, scale, bias, dtype=self.dtype)
         return y.astype(out_dtype)
+
+    def _generic_train(self, x, use_running_average, mask):
+        """``nn.BatchNorm`` in train mode, its running variance update made unbiased.
+
+        ``nn.BatchNorm`` stores ``momentum * old + (1 - momentum) * batch_var``; its
+        batch term, the stored value minus ``momentum * old``, is rescaled by
+        ``n / (n - 1)``.  The subtraction's error is the stored value's own float32
+        round-off, so the result is as accurate as a direct update.
+        """
+        old = self.get_variable("batch_stats", "var")
+        y = super().__call__(x, use_running_average, mask=mask)
+        stored = self.get_variable("batch_stats", "var")
+        if old is None:  # created by the call above, with nn.BatchNorm's initial ones
+            old = jnp.ones_like(stored)
+        axes = self.axis if isinstance(self.axis, tuple) else (self.axis,)
+        feature_axes = {a % x.ndim for a in axes}
+        reduction_axes = tuple(a for a in range(x.ndim) if a not in feature_axes)
+        if mask is None:
+            n = math.prod(x.shape[a] for a in reduction_axes)
+        else:
+            n = jnp.sum(jnp.broadcast_to(jnp.asarray(mask, bool), x.shape), axis=reduction_axes, dtype=jnp.float32)
+        if self.axis_name is not None:
+            n = jax.lax.psum(n, self.axis_name, axis_index_groups=self.axis_index_groups)
+        kept = self.momentum * old
+        self.put_variable("batch_stats", "var", (kept + (stored - kept) * _bessel_factor(n)).astype(stored.dtype))
+        return y
 
 
 # --------------------------------------------------------------------------- convolutions
