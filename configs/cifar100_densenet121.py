@@ -6,6 +6,13 @@ The cross-entropy baseline, everything else equal:
 
     python -m skipnet_jax.main --config configs/cifar100_densenet121.py --workdir /tmp/c100_d121_ce --config.loss=ce
 
+The release's comparison (bias loss vs cross-entropy) as one command, on a GPU: both losses
+with seeds 0, 1, 2 (6 runs, resumable; roughly 6-12 h in all), then a table with mean ± std
+per loss and the paired difference bias - ce with its 95% interval in
+/tmp/c100_d121_compare/comparison.md (the release table reports one run per loss):
+
+    python -m skipnet_jax.compare --config configs/cifar100_densenet121.py --workdir /tmp/c100_d121_compare --seeds 3
+
 Data: TFDS "cifar100" (50,000 train / 10,000 test, 32x32), prepared beforehand with
 `tfds build cifar100` (needs network access; add --config.data_dir=... if not
 ~/tensorflow_datasets). Train augmentation: 4 px zero-pad + random 32 px crop and a
