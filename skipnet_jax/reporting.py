@@ -104,16 +104,69 @@ class ProgressReporter:
             self._writer.close()
 
 
+RESULTS_FILE = "results.json"  # WORKDIR/results.json: the finished run's numbers
+# WORKDIR/run_record.json: per checkpointed step, what a resumed run must carry on from (last
+# train metrics, skipped steps and files); results.json is built from it when the loop is not
+# re-run (a finished run, or one preempted at its last step).
+RUN_RECORD_FILE = "run_record.json"
+
+
+def finite_or_none(data):
+    """`data` with every NaN/Infinity float replaced by None (JSON null), recursively.
+
+    Strict JSON has no NaN: readers other than Python's (jq, browsers, other languages)
+    reject a file holding one.
+    """
+    if isinstance(data, float):
+        return data if math.isfinite(data) else None
+    if isinstance(data, dict):
+        return {k: finite_or_none(v) for k, v in data.items()}
+    if isinstance(data, (list, tuple)):
+        return [finite_or_none(v) for v in data]
+    return data
+
+
 def write_json(path: str, data: dict) -> None:
-    """Writes `data` to `path` atomically (a temporary file, then a rename): a crash
-    never leaves a truncated file in place of the previous one."""
+    """Writes `data` to `path` as strict JSON (non-finite floats become null), atomically
+    (a temporary file, then a rename): a crash never leaves a truncated file in place of
+    the previous one."""
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
-        json.dump(data, f, indent=2, sort_keys=True)
+        json.dump(finite_or_none(data), f, indent=2, sort_keys=True, allow_nan=False)
         f.write("\n")
     os.replace(tmp, path)
 
 
+def read_json(path: str) -> dict | None:
+    """The JSON object in `path`, or None when the file is missing or unreadable."""
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
 def write_results(workdir: str, results: dict) -> None:
     """Writes WORKDIR/results.json atomically."""
-    write_json(os.path.join(workdir, "results.json"), results)
+    write_json(os.path.join(workdir, RESULTS_FILE), results)
+
+
+def read_results(workdir: str) -> dict | None:
+    return read_json(os.path.join(workdir, RESULTS_FILE))
+
+
+def load_run_record(workdir: str, step: int) -> dict:
+    """What was recorded when the checkpoint of `step` was saved ({} if nothing was)."""
+    records = read_json(os.path.join(workdir, RUN_RECORD_FILE)) or {}
+    record = records.get(str(step))
+    return record if isinstance(record, dict) else {}
+
+
+def save_run_record(workdir: str, step: int, record: dict, keep_steps) -> None:
+    """Adds the record of `step`; drops those of steps whose checkpoints are gone."""
+    path = os.path.join(workdir, RUN_RECORD_FILE)
+    records = read_json(path) or {}
+    records[str(step)] = record
+    wanted = {str(s) for s in keep_steps} | {str(step)}
+    write_json(path, {k: v for k, v in records.items() if k in wanted})

@@ -33,6 +33,7 @@ from absl import logging
 
 from skipnet_jax import checkpointing, losses, models, optim, plots, sharding
 from skipnet_jax.config_validation import ConfigError, check_num_classes
+from skipnet_jax import reporting
 from skipnet_jax.reporting import ProgressReporter, write_results
 
 # Independent RNG streams derived from the seed; dropout folds in the step so a
@@ -186,7 +187,8 @@ def train_step(state: TrainState, batch, *, model, tx, learning_rate_fn, config)
         "loss": loss,
         "cross_entropy": jnp.mean(loss_aux["cross_entropy"]),
         "accuracy": jnp.mean(jnp.argmax(logits, -1) == labels),
-        "learning_rate": learning_rate_fn(state.step),
+        # The rate this step's update used: the optimiser's count skips discarded steps.
+        "learning_rate": learning_rate_fn(optim.schedule_count(state.opt_state)),
         "grad_norm": grad_norm,
         "finite": finite,
     }
@@ -320,6 +322,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             state = jax.device_put(_initialize_from(state, config.init_from), replicated)
             logging.info("Initialised weights from %s", config.init_from)
     start_step = int(state.step)
+    if start_step >= num_train_steps:
+        finished = reporting.read_results(workdir)
+        if finished is not None and finished.get("steps") == start_step:
+            logging.info("The run in %s finished at step %d; its results are kept as they are.", workdir, start_step)
+            manager.close()
+            return finished
     num_params = sum(x.size for x in jax.tree.leaves(state.params))
     logging.info(
         "%s on %s: %d classes, %d params, %d train / %d eval examples, %d steps (%d/epoch), %d devices",
@@ -361,9 +369,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     train_iterator = pipeline.create_train_iterator(
         config, start_step=start_step, process_index=jax.process_index(), process_count=jax.process_count()
     )
-    last_metrics: dict[str, float] = {}
-    skipped: list[int] = []
-    bad_train_files: set[str] = set()
+    # A resumed run carries on from what was recorded with its checkpoint.
+    record = reporting.load_run_record(workdir, start_step) if start_step else {}
+    last_metrics = {k: record[f"train_{k}"] for k in ("loss", "accuracy") if record.get(f"train_{k}") is not None}
+    skipped: list[int] = list(record.get("skipped_nonfinite_steps", []))
+    bad_train_files: set[str] = set(record.get("skipped_train_files", []))
     wanted_snapshots = snapshot_steps(num_train_steps) if config.loss == "bias" else frozenset()
     snapshots_path = os.path.join(workdir, plots.SNAPSHOTS_FILE)
     snapshots = plots.load_snapshots(snapshots_path) if os.path.exists(snapshots_path) else {}
@@ -423,6 +433,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 fetch_metrics()  # before saving: a checkpoint never holds a state past a non-finite step
             if save:
                 checkpointing.save(manager, completed, state)
+                if is_chief:
+                    reporting.save_run_record(
+                        workdir,
+                        completed,
+                        {
+                            "train_loss": last_metrics.get("loss"),
+                            "train_accuracy": last_metrics.get("accuracy"),
+                            "examples_per_sec": _throughput(reporter, record),
+                            "skipped_nonfinite_steps": skipped,
+                            "skipped_train_files": sorted(bad_train_files),
+                        },
+                        keep_steps=manager.all_steps(),
+                    )
             if preempted:
                 manager.wait_until_finished()
                 logging.warning("Preempted: checkpoint at step %d is saved; rerun the same command to resume.", completed)
@@ -436,8 +459,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     reporter.write_eval(num_train_steps, eval_metrics)
     results = {
         **eval_metrics,
-        "train_loss": last_metrics.get("loss", float("nan")),
-        "train_accuracy": last_metrics.get("accuracy", float("nan")),
+        "train_loss": last_metrics.get("loss"),
+        "train_accuracy": last_metrics.get("accuracy"),
         "steps": int(state.step),
         "resumed_from_step": start_step,
         "skipped_nonfinite_steps": skipped,
@@ -446,7 +469,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         "skipped_train_files": sorted(bad_train_files),
         "skipped_eval_examples": info.num_eval_examples - eval_metrics["eval_examples"],
         "empty_class_dirs": list(info.empty_class_dirs),
-        "examples_per_sec": reporter.examples_per_sec(),
+        "examples_per_sec": _throughput(reporter, record),
         "wall_seconds": time.time() - wall_start,
         "params_global_norm": float(jax.jit(optax.global_norm)(state.params)),
         "num_params": int(num_params),
@@ -456,6 +479,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         "devices": jax.device_count(),
         "processes": jax.process_count(),
     }
+    reasons = {
+        "train_loss": "no training step was recorded for this run",
+        "train_accuracy": "no training step was recorded for this run",
+        "examples_per_sec": "fewer than two training steps ran in one invocation",
+    }
+    results["null_reasons"] = {
+        key: reasons.get(key, "not a finite number")
+        for key, value in results.items()
+        if value is None or (isinstance(value, float) and not np.isfinite(value))
+    }
     if is_chief:
         write_results(workdir, results)
         _write_plots(workdir, reporter, num_train_steps, snapshots, confusion, info.class_names)
@@ -463,6 +496,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     manager.close()
     logging.info("Results: %s", json.dumps(results, sort_keys=True))
     return results
+
+
+def _throughput(reporter: ProgressReporter, record: dict) -> float | None:
+    """Examples/s of this invocation's training, else the recorded one of an earlier invocation."""
+    rate = reporter.examples_per_sec()
+    return rate if np.isfinite(rate) else record.get("examples_per_sec")
 
 
 def _without(mapping: dict, key: str) -> dict:

@@ -8,6 +8,7 @@ import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from conftest import tiny_digits_config
 
@@ -49,12 +50,50 @@ def test_train_evaluate_and_resume_exactly(digits_data_dir, tmp_path):
         assert again[key] == results[key], key
 
 
-def test_finished_run_is_not_retrained(digits_data_dir, tmp_path):
+def _strict_json(path):
+    """Parses like a non-Python reader: NaN/Infinity are errors."""
+
+    def refuse(constant):
+        raise ValueError(f"{path} holds {constant}, which is not JSON")
+
+    with open(path) as f:
+        return json.load(f, parse_constant=refuse)
+
+
+def test_finished_run_keeps_its_results_and_a_run_cut_at_the_end_carries_its_record(digits_data_dir, tmp_path):
     config = tiny_digits_config(digits_data_dir, num_train_steps=2, checkpoint_every_steps=2)
     first = train.train_and_evaluate(config, str(tmp_path))
+    results_path = tmp_path / "results.json"
+    written = results_path.read_bytes()
+    assert _strict_json(results_path) == first and first["null_reasons"] == {}
+
+    # Re-running a finished run trains nothing and leaves results.json byte for byte.
+    assert train.train_and_evaluate(config, str(tmp_path)) == first
+    assert results_path.read_bytes() == written
+
+    # Preempted (or killed) after the last checkpoint, before results.json: the rerun only
+    # evaluates, and the train metrics and throughput come from the checkpoint's run record.
+    results_path.unlink()
+    again = train.train_and_evaluate(config, str(tmp_path))
+    assert again["resumed_from_step"] == 2 and again["steps"] == 2
+    for key in ("train_loss", "train_accuracy", "examples_per_sec", "eval_top1", "params_global_norm"):
+        assert again[key] == first[key], key
+    assert again["null_reasons"] == {} and _strict_json(results_path) == again
+
+
+def test_skipped_steps_accumulate_across_resumes(digits_data_dir, tmp_path):
+    config = tiny_digits_config(
+        digits_data_dir, num_train_steps=4, checkpoint_every_steps=2, skip_nonfinite_steps=True,
+        optimizer="sgd", learning_rate=1e30, loss="ce",
+    )  # fmt: skip
+    first = train.train_and_evaluate(config, str(tmp_path))
+    assert first["skipped_nonfinite_steps"], "the huge learning rate should make some step non-finite"
+    config.num_train_steps = 6
     second = train.train_and_evaluate(config, str(tmp_path))
-    assert second["resumed_from_step"] == 2 and second["steps"] == 2
-    assert second["params_global_norm"] == first["params_global_norm"]
+    assert second["resumed_from_step"] == 4
+    assert second["skipped_nonfinite_steps"][: len(first["skipped_nonfinite_steps"])] == first["skipped_nonfinite_steps"]
+    assert all(step >= 4 for step in second["skipped_nonfinite_steps"][len(first["skipped_nonfinite_steps"]) :])
+    _strict_json(tmp_path / "results.json")
 
 
 def test_cross_entropy_ema_bf16_rmsprop(digits_data_dir, tmp_path):
@@ -76,13 +115,16 @@ def test_cross_entropy_ema_bf16_rmsprop(digits_data_dir, tmp_path):
     assert np.isfinite(results["eval_loss"])
 
 
+_STEP_SETUP_LR = optax.linear_schedule(1e-3, 2e-3, 10)
+
+
 @pytest.fixture(scope="module")
 def step_setup():
     config = tiny_digits_config("/nonexistent", bias_loss={"alpha": 0.3, "beta": 0.3, "mode": "global"})
     model = train.create_model(config, num_classes=10)
-    tx = optim.create_optimizer(config, lambda step: 1e-3)
+    tx = optim.create_optimizer(config, _STEP_SETUP_LR)
     state = train.create_train_state(config, model, tx)
-    step = jax.jit(lambda s, b: train.train_step(s, b, model=model, tx=tx, learning_rate_fn=lambda _: 1e-3, config=config))
+    step = jax.jit(lambda s, b: train.train_step(s, b, model=model, tx=tx, learning_rate_fn=_STEP_SETUP_LR, config=config))
     rng = np.random.default_rng(0)
     batch = {
         "image": jnp.asarray(rng.normal(size=(8, 32, 32, 3)), jnp.float32),
@@ -109,6 +151,19 @@ def test_non_finite_step_keeps_the_state(step_setup):
     chex.assert_trees_all_equal(new_state.params, state.params)
     chex.assert_trees_all_equal(new_state.opt_state, state.opt_state)
     assert int(new_state.step) == 1  # the data position still advances
+
+
+def test_logged_learning_rate_is_the_one_applied_after_a_skipped_step(step_setup):
+    state, step, batch = step_setup
+    bad = dict(batch, image=batch["image"].at[0, 0, 0, 0].set(jnp.nan))
+    state, first = step(state, batch)
+    state, skipped = step(state, bad)
+    state, third = step(state, batch)
+    assert bool(first["finite"]) and not bool(skipped["finite"]) and bool(third["finite"])
+    assert int(state.step) == 3 and int(optim.schedule_count(state.opt_state)) == 2
+    # The third step applied the optimiser's second update, at the schedule's step 1.
+    chex.assert_trees_all_close(third["learning_rate"], _STEP_SETUP_LR(1))
+    assert float(third["learning_rate"]) != float(_STEP_SETUP_LR(2))
 
 
 def test_halt_on_nonfinite_latches_the_first_bad_step(step_setup):
