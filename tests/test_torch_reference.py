@@ -1,15 +1,15 @@
 """Tests of the independent PyTorch reference (SkipNet model and release-style bias loss).
 
-Skipped entirely when torch is not installed.  The checkpoint-layout test needs
+PyTorch comes with the test extra.  The checkpoint-layout test needs
 ``skipnet_m_torch_state_dict.json`` (from the shared reference folder); it is looked up in
 $SKIPNET_REFERENCE_DIR, tests/fixtures (a copy of the spec) and ../shared/reference and skipped if
-absent.  Timings run only with SKIPNET_TORCH_TIMING=1 (printed, never asserted).
+absent.  Speed against this model is measured by ``python -m skipnet_jax.benchmark --compare
+torch``, not here.
 """
 
 import json
 import math
 import os
-import time
 from pathlib import Path
 
 import numpy as np
@@ -348,37 +348,3 @@ def test_global_vs_local_over_three_batches(dtype, rtol):
 
     glob.reset()
     assert glob.running_min is None
-
-
-# --------------------------------------------------------------------------- optional timing
-
-
-@pytest.mark.skipif(os.environ.get("SKIPNET_TORCH_TIMING") != "1", reason="set SKIPNET_TORCH_TIMING=1")
-def test_print_cpu_timings():
-    model = TorchSkipNet("large", 1.0).eval()
-    x = torch.randn(32, 3, 224, 224)
-    with torch.no_grad():
-        model(x)
-        t0 = time.perf_counter()
-        for _ in range(3):
-            model(x)
-        fwd = (time.perf_counter() - t0) / 3
-    model.train()
-    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
-    loss_fn = TorchBiasLoss()
-    y = torch.randint(0, 1000, (32,))
-
-    def step():
-        opt.zero_grad(set_to_none=True)
-        logits, features = model.forward_with_features(x)
-        loss = loss_fn(features, logits, y)
-        loss.backward()
-        opt.step()
-
-    step()
-    t0 = time.perf_counter()
-    for _ in range(3):
-        step()
-    train = (time.perf_counter() - t0) / 3
-    print(f"\nthreads={torch.get_num_threads()} SkipNet-M eval fwd b32@224: {fwd * 1e3:.0f} ms; "
-          f"train step (SGD, bias loss) b32@224: {train * 1e3:.0f} ms")
