@@ -61,7 +61,7 @@ def _check_shapes(manager: ocp.CheckpointManager, step: int, target: dict) -> No
     problems += [f"{k} missing from the checkpoint" for k in sorted(wanted.keys() - stored.keys())]
     problems += [f"{k} not in the model" for k in sorted(stored.keys() - wanted.keys())]
     if problems:
-        shown = "; ".join(problems[:20]) + (f"; ... {len(problems) - 20} more" if len(problems) > 20 else "")
+        shown = "; ".join(problems[:5]) + (f"; ... {len(problems) - 5} more" if len(problems) > 5 else "")
         raise CheckpointMismatchError(
             f"checkpoint {os.path.join(str(manager.directory), str(step))} does not match the configured model "
             f"({len(problems)} entries): {shown}. Use another --workdir or the config it was trained with."

@@ -202,3 +202,16 @@ def check_workdir_writable(workdir: str) -> None:
         raise ConfigError(f"--workdir={workdir!r} is not usable: {probe!r} exists and is not a directory")
     if not os.access(probe, os.W_OK | os.X_OK):
         raise ConfigError(f"--workdir={workdir!r} is not writable ({probe!r} denies write access)")
+
+
+def config_differences(saved: dict, wanted: dict, prefix: str = "") -> list[str]:
+    """Every key whose value differs between two config dicts (as read from config.json),
+    as ``key: saved vs wanted``, in key order."""
+    found = []
+    for key in sorted(set(saved) | set(wanted)):
+        a, b = saved.get(key), wanted.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            found += config_differences(a, b, f"{prefix}{key}.")
+        elif a != b:
+            found.append(f"{prefix}{key}: {a!r} vs {b!r}")
+    return found

@@ -49,9 +49,9 @@ from skipnet_jax import checkpointing, convert, optim, reporting, sharding, trai
 from skipnet_jax.config_validation import ConfigError, check_num_classes
 from skipnet_jax.data import pipeline
 from skipnet_jax.default_config import get_default_config
+from skipnet_jax.reporting import CONFIG_FILE
 
 EVAL_RESULTS_FILE = "eval_results.json"
-CONFIG_FILE = "config.json"
 
 __all__ = [
     "LoadedModel",

@@ -31,6 +31,8 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from skipnet_jax.reporting import CONFIG_FILE
+
 PLOTS_SUBDIR = "plots"
 SNAPSHOTS_FILE = "bias_snapshots.npz"
 EVAL_RESULTS_FILE = "eval_results.json"
@@ -390,7 +392,7 @@ def save_figure(fig: Figure, path: str) -> str:
 
 def _loss_params(workdir: str) -> tuple[float, float]:
     try:
-        with open(os.path.join(workdir, "config.json")) as f:
+        with open(os.path.join(workdir, CONFIG_FILE)) as f:
             config = json.load(f)
         bias = config.get("bias_loss", {})
         return float(bias.get("alpha", DEFAULT_ALPHA)), float(bias.get("beta", DEFAULT_BETA))

@@ -104,6 +104,7 @@ class ProgressReporter:
             self._writer.close()
 
 
+CONFIG_FILE = "config.json"  # WORKDIR/config.json: the resolved config of the run
 RESULTS_FILE = "results.json"  # WORKDIR/results.json: the finished run's numbers
 # WORKDIR/run_record.json: per checkpointed step, what a resumed run must carry on from (last
 # train metrics, skipped steps and files); results.json is built from it when the loop is not

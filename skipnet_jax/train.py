@@ -31,10 +31,9 @@ import numpy as np
 import optax
 from absl import logging
 
-from skipnet_jax import checkpointing, losses, models, optim, plots, sharding
+from skipnet_jax import checkpointing, config_validation, losses, models, optim, plots, reporting, sharding
 from skipnet_jax.config_validation import ConfigError, check_num_classes
-from skipnet_jax import reporting
-from skipnet_jax.reporting import ProgressReporter, write_results
+from skipnet_jax.reporting import CONFIG_FILE, ProgressReporter, write_results
 
 # Independent RNG streams derived from the seed; dropout folds in the step so a
 # resumed run draws exactly the masks an uninterrupted one would.
@@ -278,8 +277,19 @@ def evaluate(jitted_eval_step, state, config, data_sharding) -> tuple[dict[str, 
 
 
 def _save_config(config, workdir: str) -> None:
-    with open(os.path.join(workdir, "config.json"), "w") as f:
+    with open(os.path.join(workdir, CONFIG_FILE), "w") as f:
         f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+
+
+def _config_change(workdir: str, config) -> str:
+    """What differs from the config that wrote the workdir's checkpoints (its config.json),
+    as the lead of the refusal: the fields, not the thousands of tensor shapes, tell the
+    user what to change back."""
+    saved = reporting.read_json(os.path.join(workdir, CONFIG_FILE))
+    if saved is None:
+        return ""
+    changed = config_validation.config_differences(saved, json.loads(config.to_json_best_effort()))
+    return f"config differs from the workdir's run ({'; '.join(changed)}): " if changed else ""
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
@@ -295,8 +305,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     steps_per_epoch, num_train_steps = optim.steps_for(config, info.num_train_examples)
     is_chief = jax.process_index() == 0
     os.makedirs(workdir, exist_ok=True)
-    if is_chief:
-        _save_config(config, workdir)
 
     model = create_model(config, num_classes)
     learning_rate_fn = optim.create_learning_rate_fn(config, steps_per_epoch, num_train_steps)
@@ -312,7 +320,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         )
         restored = checkpointing.restore_latest(manager, abstract_state)
     except checkpointing.CheckpointMismatchError as e:
-        raise ConfigError(str(e)) from e
+        raise ConfigError(_config_change(workdir, config) + str(e)) from e
     if restored is not None:
         state = jax.device_put(restored, replicated)
         logging.info("Resumed from %s at step %d", checkpointing.checkpoint_dir(workdir), int(state.step))
@@ -328,6 +336,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             logging.info("The run in %s finished at step %d; its results are kept as they are.", workdir, start_step)
             manager.close()
             return finished
+    if is_chief:  # only now: a refused resume or a bad init_from leaves the run's config.json as it was
+        _save_config(config, workdir)
     num_params = sum(x.size for x in jax.tree.leaves(state.params))
     logging.info(
         "%s on %s: %d classes, %d params, %d train / %d eval examples, %d steps (%d/epoch), %d devices",

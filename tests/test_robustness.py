@@ -130,8 +130,12 @@ def test_nan_stops_with_the_step_and_keeps_the_last_checkpoint(digits_data_dir, 
 def test_checkpoint_of_another_model_is_refused(digits_data_dir, tmp_path):
     assert _run(tmp_path, digits_data_dir, "--config.num_train_steps=3").returncode == 0
     before = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    saved_config = (tmp_path / "config.json").read_bytes()
     result = _run(tmp_path, digits_data_dir, "--config.model=skipnet_s")
     assert result.returncode == 2
     (line,) = [l for l in result.stderr.splitlines() if l.startswith("error:")]
     assert "does not match the configured model" in line
+    assert line.startswith("error: config differs from the workdir's run (model: 'skipnet_xs' vs 'skipnet_s'; ")
+    assert len(line) < 1000, line
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == before
+    assert (tmp_path / "config.json").read_bytes() == saved_config  # the run's own config, for evaluate
