@@ -103,3 +103,10 @@ def test_url_workdir_is_refused(url, tmp_path, monkeypatch):
     with pytest.raises(cv.ConfigError, match=r"--workdir='.*' is a URL; only local or mounted directories"):
         cv.check_workdir_writable(url)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_config_differences_lists_every_changed_field():
+    saved = {"model": "skipnet_m", "data": {"augment": True, "cache": False}}
+    wanted = {"model": "skipnet_s", "data": {"augment": True, "cache": True}, "new": 1}
+    assert cv.config_differences(saved, wanted) == ["data.cache: False vs True", "model: 'skipnet_m' vs 'skipnet_s'", "new: None vs 1"]
+    assert cv.config_differences(saved, saved) == []
