@@ -217,19 +217,6 @@ def figure(summary: dict, curves: dict):
     return fig
 
 
-def config_mismatch(saved: dict, wanted: dict, prefix: str = "") -> str | None:
-    """The first key whose value differs between two config dicts, as ``key: saved vs wanted``."""
-    for key in sorted(set(saved) | set(wanted)):
-        a, b = saved.get(key), wanted.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            found = config_mismatch(a, b, f"{prefix}{key}.")
-            if found:
-                return found
-        elif a != b:
-            return f"{prefix}{key}: {a!r} vs {b!r}"
-    return None
-
-
 def run_configs(config, losses, seeds) -> dict:
     """``{run name: config}``: `config` with only ``loss`` and ``seed`` changed."""
     out = {}
@@ -246,10 +233,10 @@ def check_reusable(configs: dict, workdir: str) -> None:
     for name, config in configs.items():
         saved = reporting.read_json(os.path.join(workdir, name, "config.json"))
         wanted = json.loads(config.to_json_best_effort())
-        diff = saved is not None and config_mismatch(saved, wanted)
-        if diff:
+        diffs = config_validation.config_differences(saved, wanted) if saved is not None else []
+        if diffs:
             raise config_validation.ConfigError(
-                f"{os.path.join(workdir, name)} was trained with another config ({diff}); "
+                f"{os.path.join(workdir, name)} was trained with another config ({'; '.join(diffs)}); "
                 "use another --workdir or the same config"
             )
 
