@@ -79,7 +79,7 @@ from typing import Any
 
 import numpy as np
 
-from skipnet_jax import benchmark  # imports neither JAX nor PyTorch until asked to
+from skipnet_jax import benchmark, cli  # imports neither JAX nor PyTorch until asked to
 
 # Before JAX is imported (here or in a pytest worker): several users of one GPU.
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
@@ -155,18 +155,8 @@ class CheckError(Exception):
     """A bad request or a missing package (one ``error:`` line, exit code 2)."""
 
 
-def _fail(message: str) -> None:
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(2)
-
-
-class _OneLineParser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # argparse would print the usage too
-        _fail(message)
-
-
 def _parser() -> argparse.ArgumentParser:
-    p = _OneLineParser(
+    p = cli.OneLineArgumentParser(
         prog="python -m skipnet_jax.accelerator_check",
         description="Tests, a digits training run and a JAX-vs-PyTorch benchmark in one run (see the module doc).",
     )
@@ -952,7 +942,7 @@ def main(argv: list[str] | None = None) -> None:
         args = resolve(args)
         result = run_check(args)
     except CheckError as e:
-        _fail(str(e))
+        cli.fail(str(e))
     print(format_report(result), flush=True)
     sys.exit(0 if result["ok"] else 1)
 

@@ -67,6 +67,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from skipnet_jax import cli
+
 # TensorFlow (imported by the data package) prints C++ start-up notices unless told not to.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -81,18 +83,8 @@ class BenchmarkError(Exception):
     """A bad request (reported as one line, exit code 2)."""
 
 
-def _fail(message: str) -> None:
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(2)
-
-
-class _OneLineParser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # argparse would print the usage too
-        _fail(message)
-
-
 def _parser() -> argparse.ArgumentParser:
-    p = _OneLineParser(
+    p = cli.OneLineArgumentParser(
         prog="python -m skipnet_jax.benchmark",
         description="Throughput of the compiled train/eval step (see the module docstring).",
     )
@@ -609,11 +601,11 @@ def format_result(r: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> None:
     args = _parser().parse_args(argv)
     if args.malloc == "tuned" and not tune_malloc():
-        _fail("--malloc tuned needs glibc (Linux)")
+        cli.fail("--malloc tuned needs glibc (Linux)")
     try:
         result = run_benchmark(args)
     except BenchmarkError as e:
-        _fail(str(e))
+        cli.fail(str(e))
     if args.json:
         print(json.dumps(result))
     else:

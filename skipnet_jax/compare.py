@@ -34,7 +34,7 @@ import numpy as np  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from skipnet_jax import config_validation, console, plots, reporting  # noqa: E402
+from skipnet_jax import cli, config_validation, console, plots, reporting  # noqa: E402
 
 FLAGS = flags.FLAGS
 
@@ -271,31 +271,19 @@ def _define_flags() -> None:
     flags.mark_flags_as_required(["config", "workdir"])
 
 
-def _fail(message: str) -> None:
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(2)
-
-
 def _parse_flags(argv: list[str]) -> list[str]:
-    """absl's parser with one-line errors; a bare ``--`` before the overrides is accepted."""
+    """The shared one-line parser; a bare ``--`` before the overrides is accepted."""
     if "--" in argv:
         i = argv.index("--")
         argv = argv[:i] + argv[i + 1 :]
-    try:
-        return FLAGS(argv)
-    except flags.Error as e:
-        _fail(str(e))
-    except (AttributeError, KeyError) as e:  # --config.KEY=... with an unknown KEY
-        _fail(config_validation.describe_unknown_override(argv) or f"invalid --config override: {e}")
-    except (TypeError, ValueError) as e:
-        _fail(f"invalid --config override: {e}")
+    return cli.parse_absl_flags(argv)
 
 
 def main(argv):
     if len(argv) > 1:
-        _fail(f"unexpected arguments {argv[1:]}; settings are passed as --config.KEY=VALUE")
+        cli.fail(f"unexpected arguments {argv[1:]}; settings are passed as --config.KEY=VALUE")
     if any(arg.split("=", 1)[0] == "--config.loss" for arg in sys.argv[1:]):
-        _fail("--config.loss is set per run by compare; choose the losses with --losses (e.g. --losses=ce,bias)")
+        cli.fail("--config.loss is set per run by compare; choose the losses with --losses (e.g. --losses=ce,bias)")
     console.configure_logging()
     import jax  # noqa: PLC0415
 
@@ -304,7 +292,7 @@ def main(argv):
     try:
         config = FLAGS.config
     except OSError as e:  # the config file is missing or failed to load (config_flags defers that error)
-        _fail("--config: " + " ".join(line.strip() for line in str(e).splitlines() if line.strip()))
+        cli.fail("--config: " + " ".join(line.strip() for line in str(e).splitlines() if line.strip()))
     try:
         losses = parse_losses(FLAGS.losses)
         if FLAGS.seeds < 1:
@@ -315,11 +303,11 @@ def main(argv):
         title = "python -m skipnet_jax.compare " + " ".join(sys.argv[1:])
         run_comparison(config, FLAGS.workdir, losses, FLAGS.seeds, title)
     except config_validation.ConfigError as e:
-        _fail(str(e))
+        cli.fail(str(e))
     except train.Preempted as e:
         logging.warning("%s", e)  # a clean stop: exit code 0, rerunning the command resumes
     except (train.NonFiniteLossError, train.BadImageError) as e:
-        _fail(str(e))
+        cli.fail(str(e))
 
 
 if __name__ == "__main__":

@@ -43,11 +43,12 @@ import json
 import math
 import os
 import shutil
-import sys
 from collections.abc import Mapping
 from typing import Any, Callable
 
 import numpy as np
+
+from skipnet_jax import cli
 
 __all__ = [
     "ConversionError",
@@ -588,11 +589,6 @@ def load_variables(output_dir: str | os.PathLike) -> tuple[dict[str, Any], dict[
 # --------------------------------------------------------------------------- CLI
 
 
-def _fail(message: str) -> None:
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(2)
-
-
 def _define_flags():
     from absl import flags
 
@@ -602,15 +598,6 @@ def _define_flags():
     flags.DEFINE_boolean("overwrite", False, "Replace the converted checkpoint in a non-empty --output.")
     flags.mark_flags_as_required(["torch_checkpoint", "output"])
     return flags
-
-
-def _parse_flags(argv: list[str]) -> list[str]:
-    from absl import flags
-
-    try:
-        return flags.FLAGS(argv)
-    except flags.Error as e:
-        _fail(_one_line(e))
 
 
 def convert_file(torch_checkpoint: str, output: str, *, model_name: str = "skipnet_m",
@@ -640,13 +627,13 @@ def main(argv: list[str]) -> None:
     from absl import flags, logging
 
     if len(argv) > 1:
-        _fail(f"unexpected arguments {argv[1:]}")
+        cli.fail(f"unexpected arguments {argv[1:]}")
     logging.set_verbosity(logging.WARNING)  # orbax logs every file operation at INFO
     f = flags.FLAGS
     try:
         s = convert_file(f.torch_checkpoint, f.output, model_name=f.model, overwrite=f.overwrite)
     except ConversionError as e:
-        _fail(str(e))
+        cli.fail(str(e))
     print(f"converted {s['source']} ({s['torch_entries']} entries)")
     print(f"  model:        {s['model']}")
     print(f"  classes:      {s['num_classes']}")
@@ -660,4 +647,4 @@ if __name__ == "__main__":
     from absl import app
 
     _define_flags()
-    app.run(main, flags_parser=_parse_flags)
+    app.run(main, flags_parser=cli.parse_absl_flags)

@@ -45,7 +45,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from skipnet_jax import checkpointing, convert, optim, reporting, sharding, train
+from skipnet_jax import checkpointing, cli, convert, optim, reporting, sharding, train
 from skipnet_jax.config_validation import ConfigError, check_num_classes
 from skipnet_jax.data import pipeline
 from skipnet_jax.default_config import get_default_config
@@ -343,12 +343,6 @@ def evaluate_workdir(workdir: str, config: ml_collections.ConfigDict | None = No
 # --------------------------------------------------------------------------- command line
 
 
-def fail(message: str) -> None:
-    """Prints `error: message` on stderr and exits with status 2 (the CLIs' one-line errors)."""
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(2)
-
-
 def _flag_value(argv: list[str], name: str) -> str | None:
     for i, arg in enumerate(argv):
         if arg == f"--{name}" and i + 1 < len(argv):
@@ -379,32 +373,16 @@ def define_workdir_flags(argv: list[str], workdir_help: str) -> None:
     try:
         base = load_config(workdir)
     except ConfigError as e:
-        fail(str(e))
+        cli.fail(str(e))
     try:  # config_flags applies the --config.KEY=VALUE overrides of argv here already
         config_flags.DEFINE_config_dict("config", base, "The workdir's config; override fields with "
                                         "--config.KEY=VALUE.", lock_config=True)
     except (AttributeError, KeyError) as e:
         from skipnet_jax import config_validation
 
-        fail(config_validation.describe_unknown_override(argv) or f"invalid --config override: {e}")
+        cli.fail(config_validation.describe_unknown_override(argv) or f"invalid --config override: {e}")
     except (TypeError, ValueError) as e:
-        fail(f"invalid --config override: {e}")
-
-
-def parse_flags(argv: list[str]) -> list[str]:
-    """absl's parser with every bad flag reported as one line (no traceback)."""
-    from absl import flags
-
-    from skipnet_jax import config_validation
-
-    try:
-        return flags.FLAGS(argv)
-    except flags.Error as e:
-        fail(str(e).splitlines()[0])
-    except (AttributeError, KeyError) as e:
-        fail(config_validation.describe_unknown_override(argv) or f"invalid --config override: {e}")
-    except (TypeError, ValueError) as e:
-        fail(f"invalid --config override: {e}")
+        cli.fail(f"invalid --config override: {e}")
 
 
 def config_from_flags() -> ml_collections.ConfigDict | None:
@@ -434,12 +412,12 @@ def main(argv: list[str]) -> None:
     from absl import flags
 
     if len(argv) > 1:
-        fail(f"unexpected arguments {argv[1:]}; settings are passed as --config.KEY=VALUE")
+        cli.fail(f"unexpected arguments {argv[1:]}; settings are passed as --config.KEY=VALUE")
     quiet_libraries()
     try:
         results = evaluate_workdir(flags.FLAGS.workdir, config_from_flags())
     except (ConfigError, OSError) as e:
-        fail(str(e))
+        cli.fail(str(e))
     print(f"{results['model']} ({results['weights']}{', step ' + str(results['step']) if results['step'] is not None else ''}"
           f"{', EMA' if results['used_ema'] else ''}) on {results['dataset']}:{results['eval_split']}")
     print(f"  top-1  {results['eval_top1']:.4f}")
@@ -456,4 +434,4 @@ if __name__ == "__main__":
     from absl import app
 
     define_workdir_flags(sys.argv, "Training workdir (checkpoints/) or `skipnet_jax.convert` output (model.json).")
-    app.run(main, flags_parser=parse_flags)
+    app.run(main, flags_parser=cli.parse_absl_flags)

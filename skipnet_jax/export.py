@@ -54,6 +54,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
+from skipnet_jax import cli
 from skipnet_jax.config_validation import ConfigError
 from skipnet_jax.models.layers import ConvBN
 
@@ -338,7 +339,7 @@ def main(argv: list[str]) -> None:
     from skipnet_jax import evaluate
 
     if len(argv) > 1:
-        evaluate.fail(f"unexpected arguments {argv[1:]}")
+        cli.fail(f"unexpected arguments {argv[1:]}")
     evaluate.quiet_libraries()
     f = flags.FLAGS
     try:
@@ -347,7 +348,7 @@ def main(argv: list[str]) -> None:
         loaded = evaluate.load_model(f.workdir, evaluate.config_from_flags())
         summary = export(loaded, f.format, f.output, batch_size=f.batch_size, fold=f.fold_batch_norm)
     except (ConfigError, OSError) as e:
-        evaluate.fail(str(e))
+        cli.fail(str(e))
     where = f"step {loaded.step}" if loaded.step is not None else "converted"
     print(f"exported {loaded.config.model} ({where}{', EMA weights' if loaded.use_ema else ''}) "
           f"as {summary['format']}: {summary['output']} ({summary['bytes']:,} bytes)")
@@ -368,4 +369,4 @@ if __name__ == "__main__":
     flags.DEFINE_boolean("fold_batch_norm", True, "Fold ConvBN batch norms into their convolutions.")
     flags.mark_flags_as_required(["format", "output"])
     evaluate.define_workdir_flags(sys.argv, "Training workdir or `skipnet_jax.convert` output directory.")
-    app.run(main, flags_parser=evaluate.parse_flags)
+    app.run(main, flags_parser=cli.parse_absl_flags)

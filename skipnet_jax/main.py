@@ -6,7 +6,6 @@ valid choices, exit code 2, and nothing written to the workdir.
 """
 
 import os
-import sys
 
 # TensorFlow (used only for tf.data) prints C++ start-up notices unless told not to.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -15,7 +14,7 @@ import jax  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from skipnet_jax import config_validation, console, models, train  # noqa: E402
+from skipnet_jax import cli, config_validation, console, models, train  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, TensorBoard logs and results.json.")
@@ -28,23 +27,6 @@ flags.DEFINE_bool(
     "(launch/local_multiprocess.sh sets them).",
 )
 flags.mark_flags_as_required(["config", "workdir"])
-
-
-def _fail(message: str) -> None:
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(2)
-
-
-def _parse_flags(argv: list[str]) -> list[str]:
-    """absl's parser, with every bad flag or override reported as one line (no traceback)."""
-    try:
-        return FLAGS(argv)
-    except flags.Error as e:
-        _fail(str(e))
-    except (AttributeError, KeyError) as e:  # --config.KEY=... with an unknown KEY
-        _fail(config_validation.describe_unknown_override(argv) or f"invalid --config override: {e}")
-    except (TypeError, ValueError) as e:
-        _fail(f"invalid --config override: {e}")
 
 
 def _initialize_distributed() -> None:
@@ -65,14 +47,14 @@ def _initialize_distributed() -> None:
         else:
             jax.distributed.initialize()  # coordinator, process count and id from the cluster environment
     except (ValueError, RuntimeError) as e:  # no cluster detected, bad JAX_* values, coordinator unreachable
-        _fail("jax.distributed.initialize() failed: " + " ".join(str(e).split()))
+        cli.fail("jax.distributed.initialize() failed: " + " ".join(str(e).split()))
     logging.info("Process %d of %d, %d local / %d global devices",
                  jax.process_index(), jax.process_count(), jax.local_device_count(), jax.device_count())  # fmt: skip
 
 
 def main(argv):
     if len(argv) > 1:
-        _fail(f"unexpected arguments {argv[1:]}; settings are passed as --config.KEY=VALUE")
+        cli.fail(f"unexpected arguments {argv[1:]}; settings are passed as --config.KEY=VALUE")
     console.configure_logging()  # our progress lines; other libraries' INFO dropped
     _initialize_distributed()
     try:
@@ -80,19 +62,19 @@ def main(argv):
         config_validation.validate_config(config, device_count=jax.device_count(), model_names=models.list_models())
         config_validation.check_workdir_writable(FLAGS.workdir)
     except OSError as e:  # the config file is missing or failed to load (config_flags defers that error)
-        _fail("--config: " + " ".join(line.strip() for line in str(e).splitlines() if line.strip()))
+        cli.fail("--config: " + " ".join(line.strip() for line in str(e).splitlines() if line.strip()))
     except config_validation.ConfigError as e:
-        _fail(str(e))
+        cli.fail(str(e))
     try:
         train.train_and_evaluate(config, FLAGS.workdir)
     except config_validation.ConfigError as e:  # found once the dataset is opened
-        _fail(str(e))
+        cli.fail(str(e))
     except train.Preempted as e:
         logging.warning("%s", e)  # a clean stop: exit code 0, the next start resumes
     except (train.NonFiniteLossError, train.BadImageError) as e:
         logging.error("%s", e)
-        _fail(str(e))
+        cli.fail(str(e))
 
 
 if __name__ == "__main__":
-    app.run(main, flags_parser=_parse_flags)
+    app.run(main, flags_parser=cli.parse_absl_flags)

@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+from skipnet_jax import cli
 from skipnet_jax.config_validation import ConfigError
 
 __all__ = ["eval_preprocessing", "preprocess_image", "load_images", "predict", "format_predictions", "main"]
@@ -128,7 +129,7 @@ def main(argv: list[str]) -> None:
 
     paths = argv[1:]
     if not paths:
-        evaluate.fail("no images given: python -m skipnet_jax.predict --workdir DIR IMAGE [IMAGE ...]")
+        cli.fail("no images given: python -m skipnet_jax.predict --workdir DIR IMAGE [IMAGE ...]")
     evaluate.quiet_libraries()
     try:
         missing = [p for p in paths if not os.path.isfile(p)]
@@ -139,7 +140,7 @@ def main(argv: list[str]) -> None:
         loaded = evaluate.load_model(flags.FLAGS.workdir, evaluate.config_from_flags())
         predictions = predict(loaded, paths, top_k=flags.FLAGS.top_k)
     except (ConfigError, OSError) as e:
-        evaluate.fail(str(e))
+        cli.fail(str(e))
     where = f"step {loaded.step}" if loaded.step is not None else "converted"
     print(f"# {loaded.config.model} ({where}{', EMA' if loaded.use_ema else ''}), "
           f"{loaded.config.image_size} px, {loaded.num_classes} classes")
@@ -154,4 +155,4 @@ if __name__ == "__main__":
 
     flags.DEFINE_integer("top_k", 5, "How many classes to print per image.")
     evaluate.define_workdir_flags(sys.argv, "Training workdir or `skipnet_jax.convert` output directory.")
-    app.run(main, flags_parser=evaluate.parse_flags)
+    app.run(main, flags_parser=cli.parse_absl_flags)

@@ -36,8 +36,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import sys
 from typing import Any
+
+from skipnet_jax import cli
 
 __all__ = [
     "PAPER_FIGURES",
@@ -252,11 +253,6 @@ def markdown_table(model_names: list[str] | None = None, image_size: int = 224,
 # --------------------------------------------------------------------------- CLI
 
 
-def _fail(message: str) -> None:
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(2)
-
-
 def _define_flags():
     from absl import flags
 
@@ -266,15 +262,6 @@ def _define_flags():
     flags.DEFINE_boolean("markdown", False, "Print a markdown table of all registered models.")
 
 
-def _parse_flags(argv: list[str]) -> list[str]:
-    from absl import flags
-
-    try:
-        return flags.FLAGS(argv)
-    except flags.Error as e:
-        _fail(str(e).splitlines()[0] if str(e) else "invalid flags")
-
-
 def main(argv: list[str]) -> None:
     from absl import flags, logging
 
@@ -282,25 +269,25 @@ def main(argv: list[str]) -> None:
 
     logging.set_verbosity(logging.WARNING)  # e.g. JAX's INFO note about the missing TPU backend
     if len(argv) > 1:
-        _fail(f"unexpected arguments {argv[1:]}")
+        cli.fail(f"unexpected arguments {argv[1:]}")
     f = flags.FLAGS
     if f.image_size < 1:
-        _fail(f"--image_size must be positive, got {f.image_size}")
+        cli.fail(f"--image_size must be positive, got {f.image_size}")
     if f.num_classes < 1:
-        _fail(f"--num_classes must be positive, got {f.num_classes}")
+        cli.fail(f"--num_classes must be positive, got {f.num_classes}")
     if f.markdown:
         if f.model is not None:
-            _fail("pass either --model or --markdown, not both")
+            cli.fail("pass either --model or --markdown, not both")
         print(markdown_table(None, f.image_size, f.num_classes))
         return
     if f.model is None:
-        _fail(f"--model is required (or --markdown); valid choices: {', '.join(list_models())}")
+        cli.fail(f"--model is required (or --markdown); valid choices: {', '.join(list_models())}")
     if f.model not in list_models():
-        _fail(f"unknown model {f.model!r}; valid choices: {', '.join(list_models())}")
+        cli.fail(f"unknown model {f.model!r}; valid choices: {', '.join(list_models())}")
     try:
         s = summarize(f.model, f.image_size, f.num_classes)
     except ValueError as e:
-        _fail(str(e).splitlines()[0] if str(e) else "cannot build the model")
+        cli.fail(str(e).splitlines()[0] if str(e) else "cannot build the model")
     print(format_table(s))
 
 
@@ -311,4 +298,4 @@ if __name__ == "__main__":
     from absl import app
 
     _define_flags()
-    app.run(main, flags_parser=_parse_flags)
+    app.run(main, flags_parser=cli.parse_absl_flags)
