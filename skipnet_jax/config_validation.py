@@ -155,6 +155,7 @@ def validate_config(config: ml_collections.ConfigDict, *, device_count: int, mod
         _check(config, key, positive_int, "a positive integer")
     _check(config, "eval_every_steps", lambda v: _is_int(v) and v >= 0, "an integer >= 0 (0: only at the end)")
     _check(config, "data.prefetch", lambda v: _is_int(v) and v >= 0, "an integer >= 0")
+    _check(config, "data.num_threads", lambda v: _is_int(v) and v >= 0, "an integer >= 0 (0: automatic)")
     _check(config, "data.shuffle_buffer", positive_int, "a positive integer")
     _check(config, "skip_nonfinite_steps", lambda v: isinstance(v, bool), "True or False")
     _check(config, "init_from", lambda v: v is None or (isinstance(v, str) and os.path.isdir(v)), "None or an existing directory written by skipnet_jax.convert")

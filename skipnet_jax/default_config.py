@@ -40,6 +40,9 @@ def get_default_config() -> ml_collections.ConfigDict:
     c.data.mean = ml_collections.config_dict.placeholder(tuple)  # None: dataset default
     c.data.std = ml_collections.config_dict.placeholder(tuple)  # None: dataset default
     c.data.prefetch = 2  # batches prepared ahead of the accelerator
+    # tf.data's private thread pool, per process; 0 = half the CPUs this process may run on (its
+    # CPU affinity: under SLURM, the --cpus-per-task share), at most 16
+    c.data.num_threads = 0
     # imagenet2012: directory holding ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar, used
     # to prepare it on first use; None = TFDS's default <data_dir>/downloads/manual
     c.data.manual_dir = ml_collections.config_dict.placeholder(str)

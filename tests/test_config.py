@@ -1,5 +1,7 @@
 """Config validation: every bad value is one ConfigError naming the key and what is valid."""
 
+import os
+
 import pytest
 
 from skipnet_jax import config_validation as cv
@@ -110,3 +112,18 @@ def test_config_differences_lists_every_changed_field():
     wanted = {"model": "skipnet_s", "data": {"augment": True, "cache": True}, "new": 1}
     assert cv.config_differences(saved, wanted) == ["data.cache: False vs True", "model: 'skipnet_m' vs 'skipnet_s'", "new: None vs 1"]
     assert cv.config_differences(saved, saved) == []
+
+
+def test_data_num_threads_is_a_setting_and_sizes_the_tf_data_pool():
+    from skipnet_jax.data import pipeline
+
+    config = get_default_config()
+    config.data.num_threads = 1  # what --config.data.num_threads=1 sets
+    cv.validate_config(config, device_count=1, model_names=models.list_models())
+    assert pipeline._options(config).threading.private_threadpool_size == 1
+    config.data.num_threads = 0  # automatic: half of this process's CPUs, 1..16
+    cpus = len(os.sched_getaffinity(0))
+    assert pipeline._options(config).threading.private_threadpool_size == min(16, max(1, cpus // 2))
+    config.data.num_threads = -1
+    with pytest.raises(cv.ConfigError, match=r"config\.data\.num_threads=-1 .*integer >= 0"):
+        cv.validate_config(config, device_count=1, model_names=models.list_models())

@@ -35,6 +35,7 @@ def make_config(data_dir, dataset="digits", **overrides) -> ml_collections.Confi
             "mean": None,
             "std": None,
             "prefetch": 2,
+            "num_threads": 0,
         },
     })
     for key, value in overrides.items():

@@ -420,18 +420,24 @@ def _finish(ds: tf.data.Dataset, local_batch: int, config) -> Iterator[Batch]:
     return ds.with_options(_options(config)).as_numpy_iterator()
 
 
+def automatic_num_threads() -> int:
+    """Half the CPUs this process may run on, at least 1 and at most 16."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 2)
+    return min(16, max(1, cpus // 2))
+
+
 def _options(config) -> tf.data.Options:
     """Deterministic ordering and a bounded private thread pool.
 
     The thread pool is private so the input pipeline does not compete with the
-    JAX runtime for every core; ``config.data.num_threads`` (optional)
-    overrides the default of half the cores, capped at 16.
+    JAX runtime for every core: ``config.data.num_threads`` threads, or with 0
+    half the CPUs this process may run on, at most 16.  The CPU affinity, not
+    the machine's core count, is what several processes on one host (SLURM
+    tasks with ``--cpus-per-task``, ``taskset``) each get.
     """
     options = tf.data.Options()
     options.deterministic = True
-    default_threads = min(16, max(1, (os.cpu_count() or 2) // 2))
-    threads = config.data.get("num_threads") or default_threads
-    options.threading.private_threadpool_size = threads
+    options.threading.private_threadpool_size = config.data.num_threads or automatic_num_threads()
     options.threading.max_intra_op_parallelism = 1
     return options
 
