@@ -303,7 +303,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     num_classes = check_num_classes(config, info.num_classes)
     steps_per_epoch, num_train_steps = optim.steps_for(config, info.num_train_examples)
     is_chief = jax.process_index() == 0
-    os.makedirs(workdir, exist_ok=True)
+    try:
+        os.makedirs(workdir, exist_ok=True)
+    except OSError as e:  # e.g. under /proc, or a parent another process just removed
+        raise ConfigError(f"--workdir={workdir!r} cannot be created: {e.strerror or e}") from e
 
     model = create_model(config, num_classes)
     learning_rate_fn = optim.create_learning_rate_fn(config, steps_per_epoch, num_train_steps)

@@ -73,6 +73,15 @@ def test_unusable_workdir(tmp_path):
     assert blocker.read_text() == "x"
 
 
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs a /proc filesystem")
+def test_workdir_that_cannot_be_created_is_one_line():
+    result = _run_cli("/proc/skipnet_cannot_be_here/run", "--config.num_train_steps=1")
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    (line,) = _error_lines(result.stderr)
+    assert "--workdir='/proc/skipnet_cannot_be_here/run' cannot be created" in line
+
+
 def test_missing_config_file(tmp_path):
     result = _run_cli(tmp_path / "run", config="configs/does_not_exist.py")
     assert result.returncode == 2
