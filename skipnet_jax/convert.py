@@ -427,20 +427,15 @@ def _import_torch():
     return torch
 
 
-def _one_line(message: Any) -> str:
-    lines = [ln.strip() for ln in str(message).splitlines() if ln.strip()]
-    return lines[0] if lines else ""
-
-
 def _torch_load_detail(error: BaseException) -> str:
     """A short reason from torch.load's (often multi-paragraph) error message."""
     text = str(error)
     marker = "WeightsUnpickler error:"
     if marker in text:
-        reason = _one_line(text.split(marker, 1)[1]) or "unsupported content"
+        reason = cli.first_line(text.split(marker, 1)[1]) or "unsupported content"
         return (f"not a weights-only PyTorch file (tensors and plain containers only): "
                 f"{reason}")
-    first = _one_line(text)
+    first = cli.first_line(text)
     if ". " in first:
         first = first.split(". ", 1)[0] + "."
     return first or type(error).__name__
@@ -555,13 +550,13 @@ def load_variables(output_dir: str | os.PathLike) -> tuple[dict[str, Any], dict[
             f"{out} is not a converted checkpoint: {META_FILE} is missing"
         ) from None
     except (OSError, ValueError) as e:
-        raise ConversionError(f"cannot read {meta_path}: {_one_line(e)}") from None
+        raise ConversionError(f"cannot read {meta_path}: {cli.first_line(e)}") from None
     if not isinstance(meta, dict) or not {"model", "num_classes"} <= set(meta):
         raise ConversionError(f"{meta_path} must hold 'model' and 'num_classes'")
     try:
         abstract = abstract_variables(meta["model"], int(meta["num_classes"]))
     except ValueError as e:
-        raise ConversionError(f"{meta_path}: {_one_line(e)}") from None
+        raise ConversionError(f"{meta_path}: {cli.first_line(e)}") from None
     abstract = {k: abstract.get(k, {}) for k in ("params", "batch_stats")}
     checkpointer = ocp.StandardCheckpointer()
     try:
@@ -569,7 +564,7 @@ def load_variables(output_dir: str | os.PathLike) -> tuple[dict[str, Any], dict[
     except Exception as e:  # noqa: BLE001 - orbax raises many types; report one line
         raise ConversionError(
             f"cannot restore {os.path.join(out, VARIABLES_SUBDIR)} as {meta['model']} "
-            f"({meta['num_classes']} classes): {_one_line(e) or type(e).__name__}"
+            f"({meta['num_classes']} classes): {cli.first_line(e) or type(e).__name__}"
         ) from None
     finally:
         checkpointer.close()

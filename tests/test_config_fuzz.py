@@ -10,7 +10,8 @@ import pytest
 from absl import flags
 from conftest import REPO_ROOT
 
-from skipnet_jax import main as cli
+from skipnet_jax import cli
+from skipnet_jax import main as main_cli
 from skipnet_jax import train
 
 INVALID = [
@@ -76,8 +77,8 @@ def test_invalid_override(override, key, workdir, capsys, monkeypatch):
     before = _snapshot(workdir)
     flags.FLAGS.unparse_flags()
     with pytest.raises(SystemExit) as exit_info:
-        argv = cli._parse_flags(["main", "--config=configs/digits.py", f"--workdir={workdir}", f"--config.{override}"])
-        cli.main(argv)
+        argv = cli.parse_absl_flags(["main", "--config=configs/digits.py", f"--workdir={workdir}", f"--config.{override}"])
+        main_cli.main(argv)
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert "Traceback" not in err
