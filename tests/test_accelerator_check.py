@@ -19,7 +19,7 @@ from conftest import REPO_ROOT
 from skipnet_jax import accelerator_check as ac
 
 
-def _run(*args, timeout=600):
+def _run(*args, timeout=1800):  # a hang guard: compile-bound, 2-10 min on a loaded 2-core machine
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
     return subprocess.run([sys.executable, "-m", "skipnet_jax.accelerator_check", *args], check=False, cwd=REPO_ROOT,
                           env=env, capture_output=True, text=True, timeout=timeout)  # fmt: skip
