@@ -170,8 +170,7 @@ def tune_malloc() -> bool:
         return False
     m_trim_threshold, m_mmap_max, m_arena_max = -1, -4, -8
     return all(
-        mallopt(option, value) == 1
-        for option, value in ((m_arena_max, 1), (m_mmap_max, 0), (m_trim_threshold, -1))
+        mallopt(option, value) == 1 for option, value in ((m_arena_max, 1), (m_mmap_max, 0), (m_trim_threshold, -1))
     )
 
 
@@ -232,9 +231,7 @@ def jax_side(config, mode: str, seed: int = 0, name: str = "jax") -> Side:
 
     if mode == "train":
         jitted = jax.jit(
-            functools.partial(
-                train.train_step, model=model, tx=tx, learning_rate_fn=learning_rate_fn, config=config
-            ),
+            functools.partial(train.train_step, model=model, tx=tx, learning_rate_fn=learning_rate_fn, config=config),
             in_shardings=(replicated, data_sharding),
             out_shardings=(replicated, replicated),
             donate_argnums=0,
@@ -288,7 +285,7 @@ def torch_device(name: str) -> str:
     Resolved before anything is built, so an unusable device is one ``error:`` line, not a
     traceback after minutes of JAX compilation.
     """
-    import torch  # noqa: PLC0415 - optional, only for the PyTorch comparison
+    import torch
 
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
@@ -325,7 +322,7 @@ def torch_side(
     """
     import contextlib
 
-    import torch  # noqa: PLC0415 - optional, only for --compare torch
+    import torch
     from torch.nn import functional as F
 
     from skipnet_jax.reference import torch_bias_loss, torch_skipnet
@@ -343,9 +340,7 @@ def torch_side(
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     variant_mode, width = torch_skipnet.VARIANTS[TORCH_VARIANTS[config.model]]
     torch.manual_seed(seed)
-    model = torch_skipnet.TorchSkipNet(
-        variant_mode, width, num_classes=NUM_CLASSES, dropout_rate=config.dropout_rate
-    )
+    model = torch_skipnet.TorchSkipNet(variant_mode, width, num_classes=NUM_CLASSES, dropout_rate=config.dropout_rate)
     model = model.to(device=dev, memory_format=memory_format)
     g = torch.Generator().manual_seed(seed)
     b, s = config.batch_size, config.image_size

@@ -26,8 +26,8 @@ from typing import Any
 import flax.serialization
 import jax
 import orbax.checkpoint as ocp
-from jax.experimental import multihost_utils
 from absl import logging
+from jax.experimental import multihost_utils
 
 
 class CheckpointMismatchError(ValueError):
@@ -55,9 +55,13 @@ def _path_name(path) -> str:
 
 
 def _check_shapes(manager: ocp.CheckpointManager, step: int, target: dict) -> None:
-    stored = {_path_name(p): tuple(m.shape) for p, m in jax.tree_util.tree_leaves_with_path(manager.item_metadata(step))}
+    stored = {
+        _path_name(p): tuple(m.shape) for p, m in jax.tree_util.tree_leaves_with_path(manager.item_metadata(step))
+    }
     wanted = {_path_name(p): tuple(x.shape) for p, x in jax.tree_util.tree_leaves_with_path(target)}
-    problems = [f"{k} {stored[k]} != {wanted[k]}" for k in sorted(wanted.keys() & stored.keys()) if stored[k] != wanted[k]]
+    problems = [
+        f"{k} {stored[k]} != {wanted[k]}" for k in sorted(wanted.keys() & stored.keys()) if stored[k] != wanted[k]
+    ]
     problems += [f"{k} missing from the checkpoint" for k in sorted(wanted.keys() - stored.keys())]
     problems += [f"{k} not in the model" for k in sorted(stored.keys() - wanted.keys())]
     if problems:

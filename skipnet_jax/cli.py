@@ -31,9 +31,9 @@ class OneLineArgumentParser(argparse.ArgumentParser):
 def parse_absl_flags(argv: list[str]) -> list[str]:
     """absl's parser for ``app.run(main, flags_parser=...)``, every bad flag or
     ``--config.KEY=VALUE`` override reported as one line."""
-    from absl import flags  # noqa: PLC0415 - argparse-only tools need not import absl
+    from absl import flags
 
-    from skipnet_jax import config_validation  # noqa: PLC0415
+    from skipnet_jax import config_validation
 
     try:
         return flags.FLAGS(argv)

@@ -30,11 +30,11 @@ import sys
 # TensorFlow (used only for tf.data) prints C++ start-up notices unless told not to.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-import numpy as np  # noqa: E402
-from absl import app, flags, logging  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
+import numpy as np
+from absl import app, flags, logging
+from ml_collections import config_flags
 
-from skipnet_jax import cli, config_validation, console, plots, reporting  # noqa: E402
+from skipnet_jax import cli, config_validation, console, plots, reporting
 
 FLAGS = flags.FLAGS
 
@@ -68,7 +68,7 @@ def mean_std(values) -> dict:
 
 def t_quantile(probability: float, df: int) -> float:
     """Student-t quantile (scipy, which jax depends on)."""
-    from scipy import stats  # noqa: PLC0415
+    from scipy import stats
 
     return float(stats.t.ppf(probability, df))
 
@@ -80,7 +80,7 @@ def paired_difference(baseline: dict, other: dict, confidence: float = 0.95) -> 
     initialisation and data order). The interval is mean ± t(df = n - 1) · std / sqrt(n);
     with fewer than two seeds, or identical differences, there is no interval.
     """
-    from scipy import stats  # noqa: PLC0415
+    from scipy import stats
 
     seeds = sorted(set(baseline) & set(other))
     per_seed = {str(s): other[s] - baseline[s] for s in seeds}
@@ -130,29 +130,41 @@ def reading(diff: dict) -> str:
         return "No interval: it needs at least two seeds with differing differences."
     lo, hi = diff["ci95"]
     if lo <= 0 <= hi:
-        return (f"The 95% interval of the top-1 difference, [{lo:+.4f}, {hi:+.4f}], contains 0: "
-                f"no significant difference between the losses at {diff['n']} seeds.")
+        return (
+            f"The 95% interval of the top-1 difference, [{lo:+.4f}, {hi:+.4f}], contains 0: "
+            f"no significant difference between the losses at {diff['n']} seeds."
+        )
     better = "bias loss" if lo > 0 else "cross-entropy"
-    return (f"The 95% interval of the top-1 difference, [{lo:+.4f}, {hi:+.4f}], excludes 0: "
-            f"{better} is better at {diff['n']} seeds (p = {diff['p_value']:.3g}).")
+    return (
+        f"The 95% interval of the top-1 difference, [{lo:+.4f}, {hi:+.4f}], excludes 0: "
+        f"{better} is better at {diff['n']} seeds (p = {diff['p_value']:.3g})."
+    )
 
 
 def markdown(summary: dict, title: str) -> str:
     """comparison.md: the per-loss table, the paired differences and a one-line reading."""
     seeds = summary["seeds"]
-    lines = [f"# {title}", "",
-             f"Seeds {', '.join(map(str, seeds))}; mean ± sample std over seeds; wall time per run "
-             "(results.json's wall_seconds: the run's last invocation, compile included).", "",
-             "| loss | runs | " + " | ".join(LABELS[m] for m in METRICS) + " | wall time / run |",
-             "|---|---:|" + "---:|" * len(METRICS) + "---:|"]
+    lines = [
+        f"# {title}",
+        "",
+        f"Seeds {', '.join(map(str, seeds))}; mean ± sample std over seeds; wall time per run "
+        "(results.json's wall_seconds: the run's last invocation, compile included).",
+        "",
+        "| loss | runs | " + " | ".join(LABELS[m] for m in METRICS) + " | wall time / run |",
+        "|---|---:|" + "---:|" * len(METRICS) + "---:|",
+    ]
     for loss, stats in summary["by_loss"].items():
         cells = [_pm(stats[m]) for m in METRICS] + [_pm(stats["wall_seconds"], 0) + " s"]
         lines.append(f"| {loss} | {stats['eval_top1']['n']} | " + " | ".join(cells) + " |")
     if "bias_minus_ce" in summary:
-        lines += ["", "Paired difference bias − ce per seed (same seed: same initialisation and data order), "
-                  "its mean and 95% Student-t interval:", "",
-                  "| metric | " + " | ".join(f"seed {s}" for s in seeds) + " | mean | 95% interval | p |",
-                  "|---|" + "---:|" * (len(seeds) + 3)]
+        lines += [
+            "",
+            "Paired difference bias − ce per seed (same seed: same initialisation and data order), "
+            "its mean and 95% Student-t interval:",
+            "",
+            "| metric | " + " | ".join(f"seed {s}" for s in seeds) + " | mean | 95% interval | p |",
+            "|---|" + "---:|" * (len(seeds) + 3),
+        ]
         for m, d in summary["bias_minus_ce"].items():
             ci = "–" if d["ci95"] is None else f"[{d['ci95'][0]:+.4f}, {d['ci95'][1]:+.4f}]"
             p = "–" if d["p_value"] is None else f"{d['p_value']:.3g}"
@@ -181,8 +193,8 @@ def mean_curve(curves) -> tuple[np.ndarray, np.ndarray]:
 
 def figure(summary: dict, curves: dict):
     """Per-seed eval top-1 (points, grey lines joining a seed's runs) with mean ± std; mean curves."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: PLC0415
-    from matplotlib.figure import Figure  # noqa: PLC0415
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
     losses, seeds = summary["losses"], summary["seeds"]
     has_curves = any(len(s) > 1 for s, _ in curves.values())
@@ -190,8 +202,12 @@ def figure(summary: dict, curves: dict):
     FigureCanvasAgg(fig)
     ax = fig.add_subplot(1, 2 if has_curves else 1, 1)
     for seed in seeds:
-        ax.plot(range(len(losses)), [summary["runs"][run_name(l, seed)]["eval_top1"] for l in losses],
-                color="0.8", zorder=1)
+        ax.plot(
+            range(len(losses)),
+            [summary["runs"][run_name(loss, seed)]["eval_top1"] for loss in losses],
+            color="0.8",
+            zorder=1,
+        )
     for i, loss in enumerate(losses):
         values = [summary["runs"][run_name(loss, s)]["eval_top1"] for s in seeds]
         ax.scatter([i] * len(values), values, color=f"C{i}", zorder=2)
@@ -243,7 +259,7 @@ def check_reusable(configs: dict, workdir: str) -> None:
 
 def run_comparison(config, workdir: str, losses, num_seeds: int, title: str) -> dict:
     """Trains (or reuses) every run, then writes the three comparison files; returns the summary."""
-    from skipnet_jax import train  # noqa: PLC0415 - heavy; not needed to parse flags
+    from skipnet_jax import train
 
     seeds = [config.seed + k for k in range(num_seeds)]
     configs = run_configs(config, losses, seeds)
@@ -265,7 +281,9 @@ def run_comparison(config, workdir: str, losses, num_seeds: int, title: str) -> 
 def _define_flags() -> None:
     """Only when run as a program: a test process may also have imported main.py's flags."""
     flags.DEFINE_string("workdir", None, "Directory holding one sub-directory per run and the comparison files.")
-    config_flags.DEFINE_config_file("config", None, "Path to a config file, e.g. configs/digits_hard.py.", lock_config=True)
+    config_flags.DEFINE_config_file(
+        "config", None, "Path to a config file, e.g. configs/digits_hard.py.", lock_config=True
+    )
     flags.DEFINE_integer("seeds", 3, "Number of seeds per loss: config.seed, config.seed + 1, ...")
     flags.DEFINE_string("losses", "ce,bias", "Comma-separated losses, from: " + ", ".join(config_validation.LOSSES))
     flags.mark_flags_as_required(["config", "workdir"])
@@ -285,9 +303,9 @@ def main(argv):
     if any(arg.split("=", 1)[0] == "--config.loss" for arg in sys.argv[1:]):
         cli.fail("--config.loss is set per run by compare; choose the losses with --losses (e.g. --losses=ce,bias)")
     console.configure_logging()
-    import jax  # noqa: PLC0415
+    import jax
 
-    from skipnet_jax import models, train  # noqa: PLC0415
+    from skipnet_jax import models, train
 
     try:
         config = FLAGS.config

@@ -11,7 +11,8 @@ import math
 import numbers
 import os
 import re
-from typing import Any, Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import ml_collections
 
@@ -105,7 +106,9 @@ def validate_config(config: ml_collections.ConfigDict, *, device_count: int, mod
 
     positive_int = lambda v: _is_int(v) and v > 0  # noqa: E731
     _check(config, "image_size", lambda v: _is_int(v) and v >= MIN_IMAGE_SIZE, f"an integer >= {MIN_IMAGE_SIZE}")
-    _check(config, "num_classes", lambda v: _is_int(v) and (v == -1 or v > 1), "-1 (from the dataset) or an integer >= 2")
+    _check(
+        config, "num_classes", lambda v: _is_int(v) and (v == -1 or v > 1), "-1 (from the dataset) or an integer >= 2"
+    )
     for key in ("batch_size", "eval_batch_size"):
         _check(config, key, positive_int, "a positive integer")
         _check(
@@ -118,7 +121,9 @@ def validate_config(config: ml_collections.ConfigDict, *, device_count: int, mod
     if config.num_train_steps <= 0:
         _check(config, "num_epochs", lambda v: _is_number(v) and v > 0, "> 0 when num_train_steps <= 0")
     if config.num_train_steps <= 0 and config.warmup_epochs > 0:
-        _check(config, "warmup_epochs", lambda v: v < config.num_epochs, f"shorter than num_epochs ({config.num_epochs})")
+        _check(
+            config, "warmup_epochs", lambda v: v < config.num_epochs, f"shorter than num_epochs ({config.num_epochs})"
+        )
     _check(config, "seed", lambda v: _is_int(v) and 0 <= v < 2**31, "an integer in [0, 2**31)")
 
     _check(config, "learning_rate", lambda v: _is_number(v) and v > 0, "a positive number")
@@ -138,7 +143,12 @@ def validate_config(config: ml_collections.ConfigDict, *, device_count: int, mod
         "an increasing sequence of positive epochs",
     )
     if config.schedule == "step":
-        _check(config, "lr_step_epochs", lambda v: len(v) > 0, 'non-empty with schedule="step" (the epochs at which to decay)')
+        _check(
+            config,
+            "lr_step_epochs",
+            lambda v: len(v) > 0,
+            'non-empty with schedule="step" (the epochs at which to decay)',
+        )
         _check(
             config,
             "lr_step_epochs",
@@ -149,7 +159,12 @@ def validate_config(config: ml_collections.ConfigDict, *, device_count: int, mod
 
     _check(config, "bias_loss.alpha", lambda v: _is_number(v) and v > 0, "a positive number")
     # Weights z(v) >= z(0) = 1 - beta must stay positive or samples would be pushed away from their labels.
-    _check(config, "bias_loss.beta", lambda v: _is_number(v) and v < 1, "a number < 1 so every weight exp(alpha*v) - beta stays positive")
+    _check(
+        config,
+        "bias_loss.beta",
+        lambda v: _is_number(v) and v < 1,
+        "a number < 1 so every weight exp(alpha*v) - beta stays positive",
+    )
 
     for key in ("log_every_steps", "checkpoint_every_steps", "keep_checkpoints"):
         _check(config, key, positive_int, "a positive integer")
@@ -158,7 +173,12 @@ def validate_config(config: ml_collections.ConfigDict, *, device_count: int, mod
     _check(config, "data.num_threads", lambda v: _is_int(v) and v >= 0, "an integer >= 0 (0: automatic)")
     _check(config, "data.shuffle_buffer", positive_int, "a positive integer")
     _check(config, "skip_nonfinite_steps", lambda v: isinstance(v, bool), "True or False")
-    _check(config, "init_from", lambda v: v is None or (isinstance(v, str) and os.path.isdir(v)), "None or an existing directory written by skipnet_jax.convert")
+    _check(
+        config,
+        "init_from",
+        lambda v: v is None or (isinstance(v, str) and os.path.isdir(v)),
+        "None or an existing directory written by skipnet_jax.convert",
+    )
     for key in ("data.augment", "data.cache"):
         _check(config, key, lambda v: isinstance(v, bool), "True or False")
     for key in ("data.mean", "data.std"):

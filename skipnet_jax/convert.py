@@ -43,30 +43,28 @@ import json
 import math
 import os
 import shutil
-from collections.abc import Mapping
-from typing import Any, Callable
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import numpy as np
 
 from skipnet_jax import cli
 
 __all__ = [
-    "ConversionError",
     "TORCH_INSTALL_HINT",
-    "convertible_models",
-    "unwrap_state_dict",
+    "ConversionError",
     "abstract_variables",
+    "convertible_models",
     "flax_path_to_torch_key",
-    "torch_state_dict_to_variables",
     "load_torch_checkpoint",
-    "save_variables",
     "load_variables",
     "main",
+    "save_variables",
+    "torch_state_dict_to_variables",
+    "unwrap_state_dict",
 ]
 
-TORCH_INSTALL_HINT = (
-    "pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu"
-)
+TORCH_INSTALL_HINT = "pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu"
 VARIABLES_SUBDIR = "variables"
 META_FILE = "model.json"
 FORMAT = "orbax.checkpoint.StandardCheckpointer"
@@ -103,12 +101,23 @@ def convertible_models() -> list[str]:
     return sorted(_MAPPERS)
 
 
-_IR_INDEX = {("expand", "conv"): 0, ("expand", "bn"): 1, ("depthwise", "conv"): 3,
-             ("depthwise", "bn"): 4, ("project", "conv"): 7, ("project", "bn"): 8}
-_SKIP_INDEX = {("expand", "conv"): 0, ("expand", "bn"): 1, ("depthwise", "conv"): 3,
-               ("depthwise", "bn"): 4, ("project", "conv"): 6, ("project", "bn"): 7}
-_LEAF_NAME = {"kernel": "weight", "scale": "weight", "bias": "bias",
-              "mean": "running_mean", "var": "running_var"}
+_IR_INDEX = {
+    ("expand", "conv"): 0,
+    ("expand", "bn"): 1,
+    ("depthwise", "conv"): 3,
+    ("depthwise", "bn"): 4,
+    ("project", "conv"): 7,
+    ("project", "bn"): 8,
+}
+_SKIP_INDEX = {
+    ("expand", "conv"): 0,
+    ("expand", "bn"): 1,
+    ("depthwise", "conv"): 3,
+    ("depthwise", "bn"): 4,
+    ("project", "conv"): 6,
+    ("project", "bn"): 7,
+}
+_LEAF_NAME = {"kernel": "weight", "scale": "weight", "bias": "bias", "mean": "running_mean", "var": "running_var"}
 
 
 def flax_path_to_torch_key(collection: str, path: tuple[str, ...]) -> str:
@@ -135,7 +144,7 @@ def flax_path_to_torch_key(collection: str, path: tuple[str, ...]) -> str:
             if top == "base_block":
                 block = "base_block.conv"
             elif top.startswith("stage") and "_block" in top:
-                stage, block_idx = top[len("stage"):].split("_block")
+                stage, block_idx = top[len("stage") :].split("_block")
                 block = f"blocks.{int(stage) - 1}.{int(block_idx)}.conv"
             else:
                 raise KeyError(top)
@@ -175,29 +184,25 @@ def unwrap_state_dict(obj: Any) -> dict[str, Any]:
             break
         obj = inner
     if not isinstance(obj, Mapping):
-        raise ConversionError(
-            f"expected a state dict (a mapping name -> tensor), got {type(obj).__name__}"
-        )
+        raise ConversionError(f"expected a state dict (a mapping name -> tensor), got {type(obj).__name__}")
     not_arrays = [str(k) for k, v in obj.items() if not _is_array_like(v)]
     if not_arrays:
         raise ConversionError(
             "expected a state dict (a mapping name -> tensor), possibly under one of "
-            f"{', '.join(map(repr, WRAPPER_KEYS))}; these entries are not tensors: "
-            + ", ".join(not_arrays)
+            f"{', '.join(map(repr, WRAPPER_KEYS))}; these entries are not tensors: " + ", ".join(not_arrays)
         )
     out: dict[str, Any] = {}
     duplicates = []
     for key, value in obj.items():
         name = str(key)
         while name.startswith(DATA_PARALLEL_PREFIX):
-            name = name[len(DATA_PARALLEL_PREFIX):]
+            name = name[len(DATA_PARALLEL_PREFIX) :]
         if name in out:
             duplicates.append(name)
         out[name] = value
     if duplicates:
         raise ConversionError(
-            "state dict has keys that clash once the 'module.' prefix is stripped: "
-            + ", ".join(duplicates)
+            "state dict has keys that clash once the 'module.' prefix is stripped: " + ", ".join(duplicates)
         )
     return out
 
@@ -218,8 +223,7 @@ def _shape(value: Any) -> tuple[int, ...]:
     return tuple(int(d) for d in getattr(value, "shape", np.shape(value)))
 
 
-def abstract_variables(model_name: str, num_classes: int = 1000,
-                       image_size: int = _TRACE_IMAGE_SIZE) -> dict[str, Any]:
+def abstract_variables(model_name: str, num_classes: int = 1000, image_size: int = _TRACE_IMAGE_SIZE) -> dict[str, Any]:
     """``{"params": ..., "batch_stats": ...}`` of ``model_name`` as ``jax.ShapeDtypeStruct``s.
 
     Traced with ``jax.eval_shape`` (nothing is computed or allocated).
@@ -249,9 +253,9 @@ def _flatten(tree: Mapping[str, Any], prefix: tuple[str, ...] = ()) -> dict[tupl
     flat = {}
     for k, v in tree.items():
         if isinstance(v, Mapping):
-            flat.update(_flatten(v, prefix + (k,)))
+            flat.update(_flatten(v, (*prefix, k)))
         else:
-            flat[prefix + (k,)] = v
+            flat[(*prefix, k)] = v
     return flat
 
 
@@ -340,9 +344,7 @@ def torch_state_dict_to_variables(
 
         known = set(list_models())
         what = "has no PyTorch key mapping" if model_name in known else "is not a registered model"
-        raise ConversionError(
-            f"model {model_name!r} {what}; convertible models: {', '.join(convertible_models())}"
-        )
+        raise ConversionError(f"model {model_name!r} {what}; convertible models: {', '.join(convertible_models())}")
     to_target, to_flax, to_torch_key = _MAPPERS[model_name]()
     sd = unwrap_state_dict(state_dict)
     if not sd:
@@ -403,13 +405,11 @@ def torch_state_dict_to_variables(
             parts.append("shape mismatch: " + ", ".join(mismatched))
         hint = ""
         if mismatched and not missing and not unexpected:
-            fits = [m for m in convertible_models()
-                    if m != model_name and _shapes_fit(sd, m, num_classes)]
+            fits = [m for m in convertible_models() if m != model_name and _shapes_fit(sd, m, num_classes)]
             if fits:
                 hint = f" (the shapes fit {' / '.join(fits)}: wrong model?)"
         raise ConversionError(
-            f"{n} problem{'s' if n != 1 else ''} converting to {model_name}{hint}: "
-            + "; ".join(parts)
+            f"{n} problem{'s' if n != 1 else ''} converting to {model_name}{hint}: " + "; ".join(parts)
         )
     variables = _unflatten(converted)
     variables.setdefault("params", {})
@@ -433,8 +433,7 @@ def _torch_load_detail(error: BaseException) -> str:
     marker = "WeightsUnpickler error:"
     if marker in text:
         reason = cli.first_line(text.split(marker, 1)[1]) or "unsupported content"
-        return (f"not a weights-only PyTorch file (tensors and plain containers only): "
-                f"{reason}")
+        return f"not a weights-only PyTorch file (tensors and plain containers only): {reason}"
     first = cli.first_line(text)
     if ". " in first:
         first = first.split(". ", 1)[0] + "."
@@ -458,8 +457,7 @@ def load_torch_checkpoint(path: str | os.PathLike) -> Any:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any decoding failure becomes one line
         raise ConversionError(
-            f"cannot read torch checkpoint {path} with torch.load(weights_only=True): "
-            + _torch_load_detail(e)
+            f"cannot read torch checkpoint {path} with torch.load(weights_only=True): " + _torch_load_detail(e)
         ) from None
 
 
@@ -546,9 +544,7 @@ def load_variables(output_dir: str | os.PathLike) -> tuple[dict[str, Any], dict[
         with open(meta_path) as f:
             meta = json.load(f)
     except FileNotFoundError:
-        raise ConversionError(
-            f"{out} is not a converted checkpoint: {META_FILE} is missing"
-        ) from None
+        raise ConversionError(f"{out} is not a converted checkpoint: {META_FILE} is missing") from None
     except (OSError, ValueError) as e:
         raise ConversionError(f"cannot read {meta_path}: {cli.first_line(e)}") from None
     if not isinstance(meta, dict) or not {"model", "num_classes"} <= set(meta):
@@ -570,8 +566,11 @@ def load_variables(output_dir: str | os.PathLike) -> tuple[dict[str, Any], dict[
         checkpointer.close()
     variables = {k: dict(v) for k, v in dict(restored).items()}
     want, got = _flatten(abstract), _flatten(variables)
-    wrong = [f"{'/'.join(p)} {_fmt_shape(_shape(got[p]))} != expected {_fmt_shape(tuple(w.shape))}"
-             for p, w in want.items() if p in got and _shape(got[p]) != tuple(w.shape)]
+    wrong = [
+        f"{'/'.join(p)} {_fmt_shape(_shape(got[p]))} != expected {_fmt_shape(tuple(w.shape))}"
+        for p, w in want.items()
+        if p in got and _shape(got[p]) != tuple(w.shape)
+    ]
     wrong += [f"{'/'.join(p)} missing" for p in want if p not in got]
     if wrong:
         raise ConversionError(
@@ -595,8 +594,9 @@ def _define_flags():
     return flags
 
 
-def convert_file(torch_checkpoint: str, output: str, *, model_name: str = "skipnet_m",
-                 overwrite: bool = False) -> dict[str, Any]:
+def convert_file(
+    torch_checkpoint: str, output: str, *, model_name: str = "skipnet_m", overwrite: bool = False
+) -> dict[str, Any]:
     """What the CLI does: read, convert, save.  Returns a summary dict."""
     out = os.path.abspath(output)
     if os.path.isdir(out) and os.listdir(out) and not overwrite:  # fail before the slow part
@@ -605,8 +605,14 @@ def convert_file(torch_checkpoint: str, output: str, *, model_name: str = "skipn
     sd = unwrap_state_dict(state)
     variables = torch_state_dict_to_variables(sd, model_name)
     num_classes = int(_shape(variables["params"]["classifier"]["kernel"])[-1])
-    out = save_variables(variables, out, model_name=model_name, num_classes=num_classes,
-                         source=os.path.abspath(torch_checkpoint), overwrite=overwrite)
+    out = save_variables(
+        variables,
+        out,
+        model_name=model_name,
+        num_classes=num_classes,
+        source=os.path.abspath(torch_checkpoint),
+        overwrite=overwrite,
+    )
     return {
         "model": model_name,
         "num_params": _count(variables["params"]),

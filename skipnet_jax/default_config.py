@@ -21,7 +21,9 @@ def get_default_config() -> ml_collections.ConfigDict:
     # "digits" (bundled, no download), a prepared TFDS image-classification name, or the path of
     # an image folder (root/train/<class>/*.jpg|jpeg|png, root/val/<class>/...; data/folder.py)
     c.dataset = "digits"
-    c.data_dir = ml_collections.config_dict.placeholder(str)  # TFDS data_dir; None = TFDS default (~/tensorflow_datasets)
+    c.data_dir = ml_collections.config_dict.placeholder(
+        str
+    )  # TFDS data_dir; None = TFDS default (~/tensorflow_datasets)
     c.image_size = 224  # square input resolution in pixels (>= 32)
     c.batch_size = 128  # GLOBAL training batch over all devices and hosts
     c.eval_batch_size = 256  # GLOBAL evaluation batch; the last one is padded and masked

@@ -55,11 +55,11 @@ EVAL_RESULTS_FILE = "eval_results.json"
 
 __all__ = [
     "LoadedModel",
+    "evaluate_model",
+    "evaluate_workdir",
     "is_converted_dir",
     "load_config",
     "load_model",
-    "evaluate_model",
-    "evaluate_workdir",
     "main",
 ]
 
@@ -123,8 +123,10 @@ def _update_from_json(config: ml_collections.ConfigDict, values: dict, prefix: s
     for key, value in values.items():
         name = f"{prefix}{key}"
         if key not in config:
-            raise ConfigError(f"{CONFIG_FILE} has key '{name}', which this version does not define "
-                              "(see skipnet_jax/default_config.py); pass --config instead")
+            raise ConfigError(
+                f"{CONFIG_FILE} has key '{name}', which this version does not define "
+                "(see skipnet_jax/default_config.py); pass --config instead"
+            )
         if isinstance(config[key], ml_collections.ConfigDict) and isinstance(value, dict):
             _update_from_json(config[key], value, f"{name}.")
         else:
@@ -206,8 +208,10 @@ def load_model(workdir: str, config: ml_collections.ConfigDict | None = None) ->
 def _load_converted(workdir: str, config: ml_collections.ConfigDict) -> LoadedModel:
     meta = _read_meta(workdir)
     if config.model != meta["model"]:
-        raise ConfigError(f"config.model={config.model!r} but {workdir} holds {meta['model']!r}; "
-                          f"leave config.model at {meta['model']!r}")
+        raise ConfigError(
+            f"config.model={config.model!r} but {workdir} holds {meta['model']!r}; "
+            f"leave config.model at {meta['model']!r}"
+        )
     try:
         variables, meta = convert.load_variables(workdir)
     except convert.ConversionError as e:
@@ -233,8 +237,10 @@ def _load_converted(workdir: str, config: ml_collections.ConfigDict) -> LoadedMo
 def _load_checkpoint(workdir: str, config: ml_collections.ConfigDict) -> LoadedModel:
     ckpt_dir = checkpointing.checkpoint_dir(workdir)
     if not os.path.isdir(ckpt_dir) or not any(name.isdigit() for name in os.listdir(ckpt_dir)):
-        raise ConfigError(f"{workdir} has no checkpoint ({ckpt_dir}/<step>) and no {convert.META_FILE}: "
-                          "pass a training workdir or a `skipnet_jax.convert` output directory")
+        raise ConfigError(
+            f"{workdir} has no checkpoint ({ckpt_dir}/<step>) and no {convert.META_FILE}: "
+            "pass a training workdir or a `skipnet_jax.convert` output directory"
+        )
     try:
         info = pipeline.get_dataset_info(config)
     except ValueError as e:
@@ -332,9 +338,12 @@ def evaluate_workdir(workdir: str, config: ml_collections.ConfigDict | None = No
     workdir = os.path.abspath(workdir)
     reporting.write_json(os.path.join(workdir, EVAL_RESULTS_FILE), results)
     fig = plots.confusion_matrix_figure(
-        np.asarray(results["confusion_matrix"]), class_names,
-        title=(f"{config.model} on {config.dataset}:{config.data.eval_split} "
-               f"(top-1 {results['eval_top1']:.4f}, {results['eval_examples']} examples)"),
+        np.asarray(results["confusion_matrix"]),
+        class_names,
+        title=(
+            f"{config.model} on {config.dataset}:{config.data.eval_split} "
+            f"(top-1 {results['eval_top1']:.4f}, {results['eval_examples']} examples)"
+        ),
     )
     plots.save_figure(fig, os.path.join(workdir, plots.PLOTS_SUBDIR, "confusion_matrix.png"))
     return results
@@ -367,16 +376,16 @@ def define_workdir_flags(argv: list[str], workdir_help: str) -> None:
     has_file = any(a == "--config" or a.startswith("--config=") for a in argv[1:])
     workdir = _flag_value(argv[1:], "workdir")
     if has_file or workdir is None:
-        config_flags.DEFINE_config_file("config", None, "Config file (default: the workdir's own).",
-                                        lock_config=True)
+        config_flags.DEFINE_config_file("config", None, "Config file (default: the workdir's own).", lock_config=True)
         return
     try:
         base = load_config(workdir)
     except ConfigError as e:
         cli.fail(str(e))
     try:  # config_flags applies the --config.KEY=VALUE overrides of argv here already
-        config_flags.DEFINE_config_dict("config", base, "The workdir's config; override fields with "
-                                        "--config.KEY=VALUE.", lock_config=True)
+        config_flags.DEFINE_config_dict(
+            "config", base, "The workdir's config; override fields with --config.KEY=VALUE.", lock_config=True
+        )
     except (AttributeError, KeyError) as e:
         from skipnet_jax import config_validation
 
@@ -418,15 +427,18 @@ def main(argv: list[str]) -> None:
         results = evaluate_workdir(flags.FLAGS.workdir, config_from_flags())
     except (ConfigError, OSError) as e:
         cli.fail(str(e))
-    print(f"{results['model']} ({results['weights']}{', step ' + str(results['step']) if results['step'] is not None else ''}"
-          f"{', EMA' if results['used_ema'] else ''}) on {results['dataset']}:{results['eval_split']}")
+    print(
+        f"{results['model']} ({results['weights']}{', step ' + str(results['step']) if results['step'] is not None else ''}"
+        f"{', EMA' if results['used_ema'] else ''}) on {results['dataset']}:{results['eval_split']}"
+    )
     print(f"  top-1  {results['eval_top1']:.4f}")
     print(f"  top-5  {results['eval_top5']:.4f}")
     print(f"  loss   {results['eval_loss']:.4f}")
     print(f"  examples {results['eval_examples']}")
     workdir = os.path.abspath(flags.FLAGS.workdir)
-    print(f"wrote {os.path.join(workdir, EVAL_RESULTS_FILE)} and "
-          f"{os.path.join(workdir, 'plots', 'confusion_matrix.png')}")
+    print(
+        f"wrote {os.path.join(workdir, EVAL_RESULTS_FILE)} and {os.path.join(workdir, 'plots', 'confusion_matrix.png')}"
+    )
 
 
 if __name__ == "__main__":

@@ -66,14 +66,14 @@ EXPORT_EXTRAS_HINT = "pip install tf2onnx onnx onnxruntime  (the project's `expo
 
 __all__ = [
     "FORMATS",
+    "export",
     "fold_batch_norm",
     "inference_function",
-    "to_tflite",
-    "to_onnx",
-    "export",
-    "run_tflite",
-    "run_onnx",
     "main",
+    "run_onnx",
+    "run_tflite",
+    "to_onnx",
+    "to_tflite",
 ]
 
 
@@ -137,8 +137,12 @@ def apply_folded(model: nn.Module, folded: dict, images, paths: frozenset):
 
     def bias_add(next_fun, args, kwargs, context):
         module = context.module
-        if (isinstance(module, nn.BatchNorm) and context.method_name == "__call__"
-                and isinstance(module.parent, ConvBN) and tuple(module.parent.path) in paths):
+        if (
+            isinstance(module, nn.BatchNorm)
+            and context.method_name == "__call__"
+            and isinstance(module.parent, ConvBN)
+            and tuple(module.parent.path) in paths
+        ):
             x = args[0] if args else kwargs["x"]
             bias = module.get_variable("params", "bias")
             return x + bias.astype(x.dtype)
@@ -302,8 +306,15 @@ def run_tflite(path: str, images: np.ndarray) -> np.ndarray:
     interpreter.allocate_tensors()
     (inp,), (out,) = interpreter.get_input_details(), interpreter.get_output_details()
     batch = int(inp["shape"][0])
-    return _batched(images, batch, lambda x: (interpreter.set_tensor(inp["index"], x), interpreter.invoke(),
-                                              interpreter.get_tensor(out["index"]).copy())[-1])
+    return _batched(
+        images,
+        batch,
+        lambda x: (
+            interpreter.set_tensor(inp["index"], x),
+            interpreter.invoke(),
+            interpreter.get_tensor(out["index"]).copy(),
+        )[-1],
+    )
 
 
 def run_onnx(path: str, images: np.ndarray) -> np.ndarray:
@@ -350,8 +361,10 @@ def main(argv: list[str]) -> None:
     except (ConfigError, OSError) as e:
         cli.fail(str(e))
     where = f"step {loaded.step}" if loaded.step is not None else "converted"
-    print(f"exported {loaded.config.model} ({where}{', EMA weights' if loaded.use_ema else ''}) "
-          f"as {summary['format']}: {summary['output']} ({summary['bytes']:,} bytes)")
+    print(
+        f"exported {loaded.config.model} ({where}{', EMA weights' if loaded.use_ema else ''}) "
+        f"as {summary['format']}: {summary['output']} ({summary['bytes']:,} bytes)"
+    )
     print(f"  input  {summary['input'][0]}: float32 {summary['input'][1]} (NHWC, normalised as for eval)")
     print(f"  output {summary['output_tensor'][0]}: float32 {summary['output_tensor'][1]}")
     print(f"  batch norm folded into convolutions: {'yes' if summary['batch_norm_folded'] else 'no'}")

@@ -176,13 +176,19 @@ def run(args: argparse.Namespace) -> dict:
         context = multiprocessing.get_context("spawn")  # no TF/JAX state copied into workers
         for _ in range(args.rounds):
             rates["tf.data"].append(
-                _rate(lambda: tf_batches(root, batch_size=args.batch_size, size=args.image_size, workers=args.workers),
-                      batches=args.batches, batch_size=args.batch_size)
+                _rate(
+                    lambda: tf_batches(root, batch_size=args.batch_size, size=args.image_size, workers=args.workers),
+                    batches=args.batches,
+                    batch_size=args.batch_size,
+                )
             )
             with contextlib.closing(context.Pool(args.workers)) as pool:
                 rates["PIL"].append(
-                    _rate(lambda: pil_batches(paths, labels, batch_size=args.batch_size, size=args.image_size, pool=pool),
-                          batches=args.batches, batch_size=args.batch_size)
+                    _rate(
+                        lambda: pil_batches(paths, labels, batch_size=args.batch_size, size=args.image_size, pool=pool),
+                        batches=args.batches,
+                        batch_size=args.batch_size,
+                    )
                 )
                 pool.terminate()
     medians = {name: statistics.median(r) for name, r in rates.items()}
@@ -220,8 +226,10 @@ def main(argv: list[str] | None = None) -> None:
     if args.json:
         print(json.dumps(result))
         return
-    print(f"{result['images']} JPEGs, batch {args.batch_size}, {args.image_size} px, {args.workers} workers, "
-          f"{result['cpu_count']} CPUs")
+    print(
+        f"{result['images']} JPEGs, batch {args.batch_size}, {args.image_size} px, {args.workers} workers, "
+        f"{result['cpu_count']} CPUs"
+    )
     for name, rate in result["img_per_sec"].items():
         print(f"  {name:8s} {rate:8.1f} img/s")
     print(f"  ratio tf.data / PIL: {result['ratio']:.2f}x")

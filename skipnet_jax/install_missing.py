@@ -68,7 +68,9 @@ INTERCHANGEABLE = (
     frozenset({"tensorboard", "tb-nightly"}),
 )
 # Further pieces of an accelerator's JAX or of TensorFlow: kept and pinned when installed.
-_STACK_PATTERN = re.compile(r"jax-(cuda|rocm)\d*-(plugin|pjrt)|libtpu(-nightly)?|nvidia-.+|keras|tf-keras|keras-nightly")
+_STACK_PATTERN = re.compile(
+    r"jax-(cuda|rocm)\d*-(plugin|pjrt)|libtpu(-nightly)?|nvidia-.+|keras|tf-keras|keras-nightly"
+)
 
 
 def is_kept_family(name: str) -> bool:
@@ -218,13 +220,15 @@ def constraints_text(plan: Plan) -> str:
     return "\n".join(lines) + "\n"
 
 
-def pip_commands(plan: Plan, repo: str, constraints_path: str, *, install_package: bool = True, quiet: bool = False) -> list[list[str]]:
+def pip_commands(
+    plan: Plan, repo: str, constraints_path: str, *, install_package: bool = True, quiet: bool = False
+) -> list[list[str]]:
     pip = [sys.executable, "-m", "pip", "install"] + (["-q"] if quiet else [])
     commands = []
     if install_package:
-        commands.append(pip + ["--no-deps", "-e", repo])
+        commands.append([*pip, "--no-deps", "-e", repo])
     if plan.missing:
-        commands.append(pip + ["-c", constraints_path] + plan.missing)
+        commands.append([*pip, "-c", constraints_path, *plan.missing])
     return commands
 
 
@@ -343,7 +347,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "the installed JAX (with its CUDA/TPU plugin) and TensorFlow are kept.",
     )
     parser.add_argument("--repo", default=REPO_ROOT, help="the clone holding setup.cfg (default: %(default)s)")
-    parser.add_argument("--extra", action="append", default=[], help="also install this extra of setup.cfg (e.g. export)")
+    parser.add_argument(
+        "--extra", action="append", default=[], help="also install this extra of setup.cfg (e.g. export)"
+    )
     parser.add_argument("--dry-run", action="store_true", help="print the plan and the pip commands; install nothing")
     parser.add_argument("-q", "--quiet", action="store_true", help="pass -q to pip")
     args = parser.parse_args(argv)
@@ -393,7 +399,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f"the installed {d.installed} provides it)"
             )
     if changed:
-        print("Changed versions of packages installed before (restart Python if one was imported): " + ", ".join(changed))
+        print(
+            "Changed versions of packages installed before (restart Python if one was imported): " + ", ".join(changed)
+        )
     still_missing = make_plan(requirements, after).missing
     if still_missing:
         print("error: still missing after pip: " + " ".join(still_missing), file=sys.stderr)

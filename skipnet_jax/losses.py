@@ -18,7 +18,8 @@ Everything here is a pure function of arrays, so it can be jitted and, under
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp

@@ -10,11 +10,11 @@ import os
 # TensorFlow (used only for tf.data) prints C++ start-up notices unless told not to.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-import jax  # noqa: E402
-from absl import app, flags, logging  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
+import jax
+from absl import app, flags, logging
+from ml_collections import config_flags
 
-from skipnet_jax import cli, config_validation, console, models, train  # noqa: E402
+from skipnet_jax import cli, config_validation, console, models, train
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, TensorBoard logs and results.json.")

@@ -19,14 +19,14 @@ def create_learning_rate_fn(
     reads the same whatever the batch size.
     """
     peak = config.learning_rate
-    warmup_steps = min(int(round(config.warmup_epochs * steps_per_epoch)), max(num_train_steps - 1, 0))
+    warmup_steps = min(round(config.warmup_epochs * steps_per_epoch), max(num_train_steps - 1, 0))
     decay_steps = max(num_train_steps - warmup_steps, 1)
     if config.schedule == "cosine":
         decay = optax.cosine_decay_schedule(peak, decay_steps, alpha=config.lr_end_factor)
     elif config.schedule == "exponential":
         decay = optax.exponential_decay(
             peak,
-            transition_steps=max(int(round(config.lr_decay_epochs * steps_per_epoch)), 1),
+            transition_steps=max(round(config.lr_decay_epochs * steps_per_epoch), 1),
             decay_rate=config.lr_decay_rate,
             staircase=True,
         )
@@ -34,7 +34,7 @@ def create_learning_rate_fn(
         # Epochs that round to the same step each still apply their factor there (optax takes
         # one scale per boundary, so coinciding boundaries are merged by multiplying).
         steps = collections.Counter(
-            max(int(round(epoch * steps_per_epoch)) - warmup_steps, 1) for epoch in config.lr_step_epochs
+            max(round(epoch * steps_per_epoch) - warmup_steps, 1) for epoch in config.lr_step_epochs
         )
         decay = optax.piecewise_constant_schedule(peak, {s: config.lr_step_factor**n for s, n in steps.items()})
     elif config.schedule == "constant":
@@ -54,7 +54,9 @@ def weight_decay_mask(params) -> dict:
     )
 
 
-def create_optimizer(config: ml_collections.ConfigDict, learning_rate_fn: optax.Schedule) -> optax.GradientTransformation:
+def create_optimizer(
+    config: ml_collections.ConfigDict, learning_rate_fn: optax.Schedule
+) -> optax.GradientTransformation:
     """The configured optimiser with masked weight decay and optional clipping.
 
     SGD and RMSProp use coupled L2 decay (added to the gradient, as PyTorch's
@@ -113,4 +115,4 @@ def steps_for(config: ml_collections.ConfigDict, num_train_examples: int) -> tup
     steps_per_epoch = max(math.ceil(num_train_examples / config.batch_size), 1)
     if config.num_train_steps > 0:
         return steps_per_epoch, int(config.num_train_steps)
-    return steps_per_epoch, max(int(math.ceil(config.num_epochs * steps_per_epoch)), 1)
+    return steps_per_epoch, max(math.ceil(config.num_epochs * steps_per_epoch), 1)

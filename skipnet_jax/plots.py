@@ -42,17 +42,17 @@ PAPER_VARIANCES = (0.0, 0.25, 0.5, 0.75, 1.0)
 _DPI = 110
 
 __all__ = [
-    "read_scalars",
-    "training_curves",
-    "variance_histograms",
-    "loss_vs_probability",
     "confusion_matrix",
     "confusion_matrix_figure",
-    "save_snapshots",
     "load_snapshots",
-    "save_figure",
-    "save_all",
+    "loss_vs_probability",
     "main",
+    "read_scalars",
+    "save_all",
+    "save_figure",
+    "save_snapshots",
+    "training_curves",
+    "variance_histograms",
 ]
 
 
@@ -144,8 +144,9 @@ def training_curves(
     ]
     ax.set(title="Loss", xlabel="step", ylabel="loss")
     if any(plotted):
-        values = np.concatenate([scalars[t][1] for t in ("train/loss", "train/cross_entropy", "eval/loss")
-                                 if t in scalars])
+        values = np.concatenate(
+            [scalars[t][1] for t in ("train/loss", "train/cross_entropy", "eval/loss") if t in scalars]
+        )
         finite = values[np.isfinite(values)]
         if finite.size and finite.min() > 0 and finite.max() / finite.min() > 30:
             ax.set_yscale("log")
@@ -171,8 +172,13 @@ def training_curves(
         _plot_series(ax, scalars, "train/bias_weight_mean", "mean z(v)")
         _plot_series(ax, scalars, "train/bias_weight_min", "min z(v)", linestyle="--")
         ax.axhline(1.0 - beta, color="gray", linewidth=0.8, linestyle=":", label=f"z(0) = {1 - beta:.2f}")
-        ax.axhline(np.exp(alpha) - beta, color="gray", linewidth=0.8, linestyle="-.",
-                   label=f"z(1) = {np.exp(alpha) - beta:.2f}")
+        ax.axhline(
+            np.exp(alpha) - beta,
+            color="gray",
+            linewidth=0.8,
+            linestyle="-.",
+            label=f"z(1) = {np.exp(alpha) - beta:.2f}",
+        )
         ax.set(title="Bias-loss weights", xlabel="step", ylabel="z(v)")
 
     for ax in axes:
@@ -234,17 +240,34 @@ def variance_histograms(
     cmap = _step_colors(len(steps))
     for color, step in zip(cmap, steps):
         n = variances[step].size
-        ax_v.hist(variances[step], bins=v_bins, density=True, histtype="step", linewidth=1.6, color=color,
-                  label=f"step {step} (n={n})")
-        ax_w.hist(weights[step], bins=w_bins, density=True, histtype="step", linewidth=1.6, color=color,
-                  label=f"step {step}")
-    ax_v.set(title="Normalised per-sample variance v", xlabel="v (min-max normalised variance)",
-             ylabel="density", xlim=(v_bins[0], v_bins[-1]))
-    ax_w.set(title="Bias weights z(v) = exp(\u03b1v) \u2212 \u03b2", xlabel="z(v)", ylabel="density",
-             xlim=(w_bins[0], w_bins[-1]))
+        ax_v.hist(
+            variances[step],
+            bins=v_bins,
+            density=True,
+            histtype="step",
+            linewidth=1.6,
+            color=color,
+            label=f"step {step} (n={n})",
+        )
+        ax_w.hist(
+            weights[step], bins=w_bins, density=True, histtype="step", linewidth=1.6, color=color, label=f"step {step}"
+        )
+    ax_v.set(
+        title="Normalised per-sample variance v",
+        xlabel="v (min-max normalised variance)",
+        ylabel="density",
+        xlim=(v_bins[0], v_bins[-1]),
+    )
+    ax_w.set(
+        title="Bias weights z(v) = exp(\u03b1v) \u2212 \u03b2",
+        xlabel="z(v)",
+        ylabel="density",
+        xlim=(w_bins[0], w_bins[-1]),
+    )
     ax_w.axvline(1.0 - beta, color="gray", linestyle=":", linewidth=0.9, label=f"z(0) = {1 - beta:.3f}")
-    ax_w.axvline(np.exp(alpha) - beta, color="gray", linestyle="-.", linewidth=0.9,
-                 label=f"z(1) = {np.exp(alpha) - beta:.3f}")
+    ax_w.axvline(
+        np.exp(alpha) - beta, color="gray", linestyle="-.", linewidth=0.9, label=f"z(1) = {np.exp(alpha) - beta:.3f}"
+    )
     for ax in (ax_v, ax_w):
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize="small")
@@ -291,8 +314,9 @@ def loss_vs_probability(
 # --------------------------------------------------------------------------- confusion matrix
 
 
-def confusion_matrix(labels: np.ndarray, predictions: np.ndarray, num_classes: int,
-                     mask: np.ndarray | None = None) -> np.ndarray:
+def confusion_matrix(
+    labels: np.ndarray, predictions: np.ndarray, num_classes: int, mask: np.ndarray | None = None
+) -> np.ndarray:
     """``int64 [num_classes, num_classes]``: row = true class, column = predicted class.
 
     Rows with ``mask == 0`` (padding of the last eval batch) are not counted.
@@ -341,8 +365,9 @@ def confusion_matrix_figure(
     side = float(np.clip(0.35 * k + 2.5, 4.5, 14.0))
     fig = _new_figure(side + 1.2, side)
     ax = fig.subplots()
-    image = ax.imshow(shown, cmap="Blues", vmin=0.0, vmax=1.0 if normalize else max(1, int(matrix.max())),
-                      interpolation="nearest")
+    image = ax.imshow(
+        shown, cmap="Blues", vmin=0.0, vmax=1.0 if normalize else max(1, int(matrix.max())), interpolation="nearest"
+    )
     fig.colorbar(image, ax=ax, shrink=0.8, label="fraction of the true class" if normalize else "count")
     if k <= _MAX_TICK_LABELS:
         ax.set_xticks(range(k), labels=names, rotation=90 if max(map(len, names)) > 3 else 0)
@@ -352,8 +377,15 @@ def confusion_matrix_figure(
             for j in range(k):
                 if matrix[i, j]:
                     dark = (shown[i, j] / (1.0 if normalize else max(1, matrix.max()))) > 0.5
-                    ax.text(j, i, str(int(matrix[i, j])), ha="center", va="center", fontsize="small",
-                            color="white" if dark else "black")
+                    ax.text(
+                        j,
+                        i,
+                        str(int(matrix[i, j])),
+                        ha="center",
+                        va="center",
+                        fontsize="small",
+                        color="white" if dark else "black",
+                    )
     ax.set(xlabel="predicted class", ylabel="true class")
     total = int(matrix.sum())
     accuracy = float(np.trace(matrix)) / total if total else float("nan")
@@ -366,8 +398,9 @@ def confusion_matrix_figure(
 
 def save_snapshots(path: str, snapshots: Mapping[int, Mapping[str, np.ndarray]]) -> None:
     """Writes `variance_histograms` input to an ``.npz`` (keys ``"<step>/<name>"``), atomically."""
-    arrays = {f"{int(step)}/{name}": np.asarray(value)
-              for step, snap in snapshots.items() for name, value in snap.items()}
+    arrays = {
+        f"{int(step)}/{name}": np.asarray(value) for step, snap in snapshots.items() for name, value in snap.items()
+    }
     tmp = path + ".tmp.npz"
     np.savez_compressed(tmp, **arrays)
     os.replace(tmp, path)
@@ -423,8 +456,10 @@ def save_all(
 
     scalars = read_scalars(os.path.join(workdir, "tensorboard"))
     if scalars:
-        write("training_curves", training_curves(scalars, alpha=alpha, beta=beta,
-                                                 title=os.path.basename(os.path.abspath(workdir))))
+        write(
+            "training_curves",
+            training_curves(scalars, alpha=alpha, beta=beta, title=os.path.basename(os.path.abspath(workdir))),
+        )
     write("bias_vs_cross_entropy", loss_vs_probability(alpha=alpha, beta=beta))
 
     if snapshots is None and os.path.exists(os.path.join(workdir, SNAPSHOTS_FILE)):

@@ -34,7 +34,7 @@ import numpy as np
 from skipnet_jax import cli
 from skipnet_jax.config_validation import ConfigError
 
-__all__ = ["eval_preprocessing", "preprocess_image", "load_images", "predict", "format_predictions", "main"]
+__all__ = ["eval_preprocessing", "format_predictions", "load_images", "main", "predict", "preprocess_image"]
 
 
 def eval_preprocessing(config) -> tuple[str, tuple[float, ...], tuple[float, ...]]:
@@ -61,8 +61,9 @@ def preprocess_image(data: bytes, size: int, mode: str, mean: Sequence[float], s
         height, width = image.shape[0], image.shape[1]
         if height != width:
             side = min(height, width)
-            image = image[(height - side) // 2 : (height - side) // 2 + side,
-                          (width - side) // 2 : (width - side) // 2 + side]
+            image = image[
+                (height - side) // 2 : (height - side) // 2 + side, (width - side) // 2 : (width - side) // 2 + side
+            ]
         image = preprocess.resize(preprocess.to_float_rgb(image), size)
     else:
         raise ValueError(f"preprocessing mode {mode!r} is not 'simple' or 'inception'")
@@ -106,8 +107,7 @@ def predict(loaded, paths: Sequence[str], top_k: int = 5, batch_size: int = 32) 
     out = []
     for path, row_logits, row in zip(paths, logits, probs):
         order = np.argsort(-row, kind="stable")[:k]
-        out.append({"path": path, "logits": row_logits,
-                    "top": [(int(i), str(names[i]), float(row[i])) for i in order]})
+        out.append({"path": path, "logits": row_logits, "top": [(int(i), str(names[i]), float(row[i])) for i in order]})
     return out
 
 
@@ -142,8 +142,10 @@ def main(argv: list[str]) -> None:
     except (ConfigError, OSError) as e:
         cli.fail(str(e))
     where = f"step {loaded.step}" if loaded.step is not None else "converted"
-    print(f"# {loaded.config.model} ({where}{', EMA' if loaded.use_ema else ''}), "
-          f"{loaded.config.image_size} px, {loaded.num_classes} classes")
+    print(
+        f"# {loaded.config.model} ({where}{', EMA' if loaded.use_ema else ''}), "
+        f"{loaded.config.image_size} px, {loaded.num_classes} classes"
+    )
     print(format_predictions(predictions))
 
 

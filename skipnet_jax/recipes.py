@@ -113,4 +113,3 @@ def cifar100_config(model: str) -> ml_collections.ConfigDict:
     config.eval_every_steps = 3910  # every 10 epochs (391 steps each)
     config.checkpoint_every_steps = 1955  # every 5 epochs
     return config
-

@@ -29,7 +29,7 @@ class ProgressReporter:
         self._writer = None
         if workdir:
             # flax's SummaryWriter is TensorFlow's: imported only when there is a log to write.
-            from flax.metrics import tensorboard  # noqa: PLC0415
+            from flax.metrics import tensorboard
 
             self._writer = tensorboard.SummaryWriter(os.path.join(workdir, "tensorboard"))
         self._num_train_steps = num_train_steps
@@ -86,7 +86,7 @@ class ProgressReporter:
         """Adds PNG files (e.g. WORKDIR/plots/*.png) to TensorBoard as images ``plots/<name>``."""
         if not self._writer:
             return
-        from matplotlib import image as mpimg  # noqa: PLC0415 - only when there are plots
+        from matplotlib import image as mpimg
 
         for name, path in png_paths.items():
             rgb = (mpimg.imread(path)[..., :3] * 255).round().astype("uint8")

@@ -35,8 +35,7 @@ def batch_sharded(mesh: Mesh) -> NamedSharding:
 def to_global_batch(local_batch: dict[str, np.ndarray], sharding: NamedSharding) -> dict[str, jax.Array]:
     """Turns this process's slice of the batch into global arrays sharded over the mesh."""
     return {
-        key: jax.make_array_from_process_local_data(sharding, np.asarray(value))
-        for key, value in local_batch.items()
+        key: jax.make_array_from_process_local_data(sharding, np.asarray(value)) for key, value in local_batch.items()
     }
 
 

@@ -44,12 +44,12 @@ __all__ = [
     "PAPER_FIGURES",
     "LayerRow",
     "ModelSummary",
-    "summarize",
     "count_macs",
     "count_params",
     "format_table",
-    "markdown_table",
     "main",
+    "markdown_table",
+    "summarize",
 ]
 
 # Paper / reference figures at 224 px and 1000 classes (PAPER_FACTS §2).
@@ -108,8 +108,7 @@ def _count_tree(tree: Any) -> int:
     return int(sum(_size(leaf) for leaf in jax.tree.leaves(tree)))
 
 
-def summarize(model_name: str, image_size: int = 224, num_classes: int = 1000,
-              **overrides: Any) -> ModelSummary:
+def summarize(model_name: str, image_size: int = 224, num_classes: int = 1000, **overrides: Any) -> ModelSummary:
     """Trace ``model_name`` (via ``jax.eval_shape``) and count params and MACs per layer.
 
     ``overrides`` go to ``create_model`` (e.g. ``width_multiplier``).  Raises
@@ -134,9 +133,7 @@ def summarize(model_name: str, image_size: int = 224, num_classes: int = 1000,
         own = module.variables
         params = own.get("params", {})
         leaves = {k: v for k, v in params.items() if not isinstance(v, dict)}
-        has_own_vars = bool(leaves) or any(
-            not isinstance(v, dict) for col in own.values() for v in col.values()
-        )
+        has_own_vars = bool(leaves) or any(not isinstance(v, dict) for col in own.values() for v in col.values())
         if not has_own_vars or not hasattr(out, "shape"):
             return out
         path = "/".join(module.scope.path) or model_name
@@ -147,13 +144,15 @@ def summarize(model_name: str, image_size: int = 224, num_classes: int = 1000,
         if kernel is not None and out.ndim >= 2 and out.shape[0] > 0 and out.shape[-1] > 0:
             positions = _size(out) // (out.shape[0] * out.shape[-1])
             macs = positions * _size(kernel)
-        rows.append(LayerRow(
-            path=path,
-            kind=type(module).__name__,
-            output_shape=tuple(int(d) for d in out.shape[1:]),
-            params=sum(_size(v) for v in leaves.values()),
-            macs=int(macs),
-        ))
+        rows.append(
+            LayerRow(
+                path=path,
+                kind=type(module).__name__,
+                output_shape=tuple(int(d) for d in out.shape[1:]),
+                params=sum(_size(v) for v in leaves.values()),
+                macs=int(macs),
+            )
+        )
         return out
 
     x = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32)
@@ -198,30 +197,31 @@ def format_table(s: ModelSummary) -> str:
     w_path = max([len("layer")] + [len(r.path) for r in s.rows])
     w_kind = max([len("type")] + [len(r.kind) for r in s.rows])
     w_shape = max([len("output")] + [len(x) for x in shapes])
-    header = (f"{'layer':<{w_path}}  {'type':<{w_kind}}  {'output':>{w_shape}}  "
-              f"{'params':>10}  {'MACs':>13}")
-    lines = [f"{s.model} at {s.image_size}x{s.image_size}, {s.num_classes} classes "
-             f"(output shapes and MACs for one image)", header, "-" * len(header)]
+    header = f"{'layer':<{w_path}}  {'type':<{w_kind}}  {'output':>{w_shape}}  {'params':>10}  {'MACs':>13}"
+    lines = [
+        f"{s.model} at {s.image_size}x{s.image_size}, {s.num_classes} classes (output shapes and MACs for one image)",
+        header,
+        "-" * len(header),
+    ]
     for r, shape in zip(s.rows, shapes):
-        lines.append(f"{r.path:<{w_path}}  {r.kind:<{w_kind}}  {shape:>{w_shape}}  "
-                     f"{r.params:>10,}  {r.macs:>13,}")
+        lines.append(f"{r.path:<{w_path}}  {r.kind:<{w_kind}}  {shape:>{w_shape}}  {r.params:>10,}  {r.macs:>13,}")
     lines.append("-" * len(header))
     lines.append(f"parameters:  {s.params:,}")
     lines.append(f"batch_stats: {s.batch_stats:,} (BN running statistics, not parameters)")
     lines.append(f"MACs:        {s.macs:,} ({_m(s.macs)}; conv + dense layers)")
     paper = s.paper
     if paper:
-        lines.append(f"expected:    {paper['params']:,} parameters ({_pct(s.params, paper['params'])}), "
-                     f"{_m(paper['macs'])} MACs ({_pct(s.macs, paper['macs'])})")
+        lines.append(
+            f"expected:    {paper['params']:,} parameters ({_pct(s.params, paper['params'])}), "
+            f"{_m(paper['macs'])} MACs ({_pct(s.macs, paper['macs'])})"
+        )
         lines.append(f"paper:       {paper['paper']}")
     elif s.model in PAPER_FIGURES:
-        lines.append(f"(reference figures are for {PAPER_IMAGE_SIZE} px and "
-                     f"{PAPER_NUM_CLASSES} classes)")
+        lines.append(f"(reference figures are for {PAPER_IMAGE_SIZE} px and {PAPER_NUM_CLASSES} classes)")
     return "\n".join(lines)
 
 
-def markdown_table(model_names: list[str] | None = None, image_size: int = 224,
-                   num_classes: int = 1000) -> str:
+def markdown_table(model_names: list[str] | None = None, image_size: int = 224, num_classes: int = 1000) -> str:
     """A markdown table of params and MACs of every registered model vs the reference."""
     from skipnet_jax.models import list_models
 
@@ -236,8 +236,7 @@ def markdown_table(model_names: list[str] | None = None, image_size: int = 224,
         try:
             s = summarize(name, image_size, num_classes)
         except Exception as e:  # noqa: BLE001 - one model failing should not hide the others
-            lines.append(f"| {name} | error: {str(e).splitlines()[0] if str(e) else type(e).__name__} "
-                         f"| | | | |")
+            lines.append(f"| {name} | error: {str(e).splitlines()[0] if str(e) else type(e).__name__} | | | | |")
             continue
         ref = PAPER_FIGURES.get(name) if at_paper else None
         if ref:

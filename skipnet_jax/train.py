@@ -61,7 +61,7 @@ def _report_bad_files(runs: list[tuple[str, ...]], seen: set[str], config, where
     we only decide whether that is acceptable.  An example for which every try
     failed stops the run whatever the config: it was filled with a blank image.
     """
-    from skipnet_jax.data import pipeline  # noqa: PLC0415 - tf.data only where data is read
+    from skipnet_jax.data import pipeline
 
     for path in (path for run in runs for path in run):
         if path in seen:
@@ -161,9 +161,7 @@ def train_step(state: TrainState, batch, *, model, tx, learning_rate_fn, config)
             loss_aux = {"cross_entropy": cross_entropy}
         return loss, (logits, updates["batch_stats"], loss_state, loss_aux)
 
-    (loss, (logits, batch_stats, loss_state, loss_aux)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        state.params
-    )
+    (loss, (logits, batch_stats, loss_state, loss_aux)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     grad_norm = optax.global_norm(grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
@@ -238,16 +236,14 @@ def eval_step(state: TrainState, batch, *, model, use_ema: bool) -> dict:
         "top5_sum": jnp.sum(jnp.any(top_k == labels[:, None], axis=-1) * mask),
         "count": jnp.sum(mask),
         # rows: true class, columns: top-1 prediction (int32: exact counts)
-        "confusion": jnp.zeros((logits.shape[-1],) * 2, jnp.int32)
-        .at[labels, top_k[:, 0]]
-        .add(mask.astype(jnp.int32)),
+        "confusion": jnp.zeros((logits.shape[-1],) * 2, jnp.int32).at[labels, top_k[:, 0]].add(mask.astype(jnp.int32)),
     }
 
 
 def evaluate(jitted_eval_step, state, config, data_sharding) -> tuple[dict[str, float], np.ndarray]:
     """Top-1/top-5/loss over the full eval split (padded examples masked out) and the
     ``int64 [C, C]`` confusion matrix (rows: true class)."""
-    from skipnet_jax.data import pipeline  # noqa: PLC0415 - tf.data only where data is read
+    from skipnet_jax.data import pipeline
 
     totals = None
     iterator = pipeline.create_eval_iterator(
@@ -293,7 +289,7 @@ def _config_change(workdir: str, config) -> str:
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """Trains (resuming from WORKDIR/checkpoints if present), evaluates, writes results.json."""
-    from skipnet_jax.data import pipeline  # noqa: PLC0415 - tf.data only where data is read
+    from skipnet_jax.data import pipeline
 
     wall_start = time.time()
     try:
@@ -460,7 +456,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                     )
             if preempted:
                 manager.wait_until_finished()
-                logging.warning("Preempted: checkpoint at step %d is saved; rerun the same command to resume.", completed)
+                logging.warning(
+                    "Preempted: checkpoint at step %d is saved; rerun the same command to resume.", completed
+                )
                 raise Preempted(completed)
             if evaluate_now:
                 reporter.write_eval(completed, evaluate(jitted_eval_step, state, config, data_sharding)[0])
@@ -561,7 +559,7 @@ def _non_finite_message(metrics: dict, step: int) -> str:
 
 def _initialize_from(state: TrainState, directory: str) -> TrainState:
     """Weights (and BN statistics) from a converted checkpoint (`python -m skipnet_jax.convert`)."""
-    from skipnet_jax import convert  # noqa: PLC0415 - only needed for init_from
+    from skipnet_jax import convert
 
     try:
         variables, meta = convert.load_variables(directory)

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch  # noqa: E402 - the test extra installs it; a missing install must fail, not skip
+import torch
 
 from skipnet_jax.models import layers
 from skipnet_jax.models.layers import BatchNorm
@@ -59,15 +59,17 @@ def _assert_matches(y, stats, bn, y_ref, step):
     np.testing.assert_allclose(
         stats["mean"], bn.running_mean.numpy(), rtol=1e-6, atol=1e-7, err_msg=f"running mean, step {step}"
     )
-    np.testing.assert_allclose(
-        stats["var"], bn.running_var.numpy(), rtol=1e-6, err_msg=f"running var, step {step}"
-    )
+    np.testing.assert_allclose(stats["var"], bn.running_var.numpy(), rtol=1e-6, err_msg=f"running var, step {step}")
 
 
 def _module(use_fast_variance: bool = False, **kwargs) -> BatchNorm:
     return BatchNorm(
-        use_running_average=False, momentum=1.0 - TORCH_MOMENTUM, epsilon=EPS,
-        use_fast_variance=use_fast_variance, force_float32_reductions=True, **kwargs,
+        use_running_average=False,
+        momentum=1.0 - TORCH_MOMENTUM,
+        epsilon=EPS,
+        use_fast_variance=use_fast_variance,
+        force_float32_reductions=True,
+        **kwargs,
     )
 
 
@@ -128,8 +130,10 @@ def test_single_value_per_channel_keeps_a_finite_variance():
     """One value per channel has no unbiased variance (PyTorch refuses such a batch in
     train mode); the running variance then takes the biased batch variance, 0."""
     x = jnp.ones((1, 1, 1, C))
-    variables = {"params": {"scale": jnp.ones(C), "bias": jnp.zeros(C)},
-                 "batch_stats": {"mean": jnp.zeros(C), "var": jnp.ones(C)}}
+    variables = {
+        "params": {"scale": jnp.ones(C), "bias": jnp.zeros(C)},
+        "batch_stats": {"mean": jnp.zeros(C), "var": jnp.ones(C)},
+    }
     for kwargs in ({}, {"mask": jnp.ones((1, 1, 1, C), bool)}):
         _, updates = _module().apply(variables, x, mutable=["batch_stats"], **kwargs)
         np.testing.assert_allclose(updates["batch_stats"]["var"], np.full(C, 0.9), rtol=1e-6)

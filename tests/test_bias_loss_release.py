@@ -16,11 +16,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import torch
 
-import torch  # noqa: E402 - the test extra installs it; a missing install must fail, not skip
-
-from skipnet_jax.losses import bias_loss, init_bias_loss_state  # noqa: E402
-from skipnet_jax.reference.torch_bias_loss import TorchBiasLoss  # noqa: E402
+from skipnet_jax.losses import bias_loss, init_bias_loss_state
+from skipnet_jax.reference.torch_bias_loss import TorchBiasLoss
 
 N, H, W, C, K = 8, 7, 7, 16, 10
 # Per-sample feature scales of 4 successive batches: batch 1 and batch 3 bring a new,
@@ -42,10 +41,12 @@ def _batches(seed=0):
 
 
 def _torch_step(ref, features, logits, labels):
-    loss = ref(torch.from_numpy(features.transpose(0, 3, 1, 2).copy()),  # NHWC -> NCHW
-               torch.from_numpy(logits), torch.from_numpy(labels).long())
-    return (float(loss), ref.last_scaled.numpy(), ref.last_weights.numpy(),
-            ref.last_variance.numpy())
+    loss = ref(
+        torch.from_numpy(features.transpose(0, 3, 1, 2).copy()),  # NHWC -> NCHW
+        torch.from_numpy(logits),
+        torch.from_numpy(labels).long(),
+    )
+    return (float(loss), ref.last_scaled.numpy(), ref.last_weights.numpy(), ref.last_variance.numpy())
 
 
 @pytest.mark.parametrize("mode", ["global", "local"])
@@ -56,8 +57,7 @@ def test_matches_release_over_successive_batches(mode):
     running_mins, above_one = [], False
     for features, logits, labels in _batches():
         t_loss, t_scaled, t_weights, t_var = _torch_step(ref, features, logits, labels)
-        loss, state, aux = step(jnp.asarray(logits), jnp.asarray(labels), jnp.asarray(features),
-                                state=state)
+        loss, state, aux = step(jnp.asarray(logits), jnp.asarray(labels), jnp.asarray(features), state=state)
         np.testing.assert_allclose(aux["variance"], t_var, rtol=1e-5)
         np.testing.assert_allclose(float(loss), t_loss, rtol=0, atol=ATOL)
         np.testing.assert_allclose(aux["normalized_variance"], t_scaled, rtol=0, atol=ATOL)
@@ -96,8 +96,9 @@ def test_equal_variances_release_nan_ours_finite(mode):
     features, logits, labels = _equal_variance_batch()
     t_loss, *_ = _torch_step(TorchBiasLoss(normalisation_mode=mode), features, logits, labels)
     assert np.isnan(t_loss)
-    loss, _, aux = bias_loss(jnp.asarray(logits), jnp.asarray(labels), jnp.asarray(features),
-                             mode=mode, state=init_bias_loss_state())
+    loss, _, aux = bias_loss(
+        jnp.asarray(logits), jnp.asarray(labels), jnp.asarray(features), mode=mode, state=init_bias_loss_state()
+    )
     np.testing.assert_allclose(aux["weights"], 0.7, atol=1e-6)
     np.testing.assert_allclose(float(loss), 0.7 * _ce(logits, labels).mean(), rtol=1e-5)
 
@@ -108,14 +109,16 @@ def test_equal_variances_after_lower_minimum_release_inf_ours_finite():
     ref = TorchBiasLoss(normalisation_mode="global")
     features0, logits0, labels0 = _batches()[3]  # small variances: sets a low running minimum
     _torch_step(ref, features0, logits0, labels0)
-    _, state, _ = bias_loss(jnp.asarray(logits0), jnp.asarray(labels0), jnp.asarray(features0),
-                            mode="global", state=init_bias_loss_state())
+    _, state, _ = bias_loss(
+        jnp.asarray(logits0), jnp.asarray(labels0), jnp.asarray(features0), mode="global", state=init_bias_loss_state()
+    )
     features, logits, labels = _equal_variance_batch()
     features = features * 3.0  # well above the running minimum
     t_loss, *_ = _torch_step(ref, features, logits, labels)
     assert np.isinf(t_loss)
-    loss, new_state, aux = bias_loss(jnp.asarray(logits), jnp.asarray(labels),
-                                     jnp.asarray(features), mode="global", state=state)
+    loss, new_state, aux = bias_loss(
+        jnp.asarray(logits), jnp.asarray(labels), jnp.asarray(features), mode="global", state=state
+    )
     assert np.isfinite(float(loss))
     np.testing.assert_allclose(aux["weights"], 0.7, atol=1e-6)
     assert float(new_state["running_min"]) == pytest.approx(float(ref.running_min), rel=1e-6)

@@ -40,11 +40,19 @@ def _error_lines(stderr):
 CASES = [
     (["--config.model=skipnet_xxl"], None, r"config.model='skipnet_xxl' is not valid; valid choices: "),
     (["--config.dataset=no_such_dataset"], None, "no_such_dataset"),
-    (["--config.optimizer=adagrad"], None, "config.optimizer='adagrad' is not valid; valid choices: sgd, rmsprop, adamw"),
+    (
+        ["--config.optimizer=adagrad"],
+        None,
+        "config.optimizer='adagrad' is not valid; valid choices: sgd, rmsprop, adamw",
+    ),
     (["--config.loss=focal"], None, "config.loss='focal' is not valid; valid choices: bias, ce"),
     (["--config.image_size=-1"], None, "config.image_size=-1 is not valid"),
     (["--config.batch_size=0"], None, "config.batch_size=0 is not valid"),
-    (["--config.batch_size=12"], {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}, "divisible by the number of devices (8)"),
+    (
+        ["--config.batch_size=12"],
+        {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"},
+        "divisible by the number of devices (8)",
+    ),
     (["--config.learning_rat=0.1"], None, "config key 'learning_rat'"),
     (["--config.batch_size=abc"], None, "--config.batch_size=abc"),
 ]

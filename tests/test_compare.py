@@ -9,8 +9,8 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import REPO_ROOT, tiny_digits_config
+
 from skipnet_jax import compare
 from skipnet_jax.config_validation import ConfigError
 
@@ -49,8 +49,12 @@ def _results(top1):
 
 
 def test_summary_and_markdown_from_results():
-    results = {"ce-seed0": _results(0.90), "bias-seed0": _results(0.92),
-               "ce-seed1": _results(0.80), "bias-seed1": _results(0.80)}
+    results = {
+        "ce-seed0": _results(0.90),
+        "bias-seed0": _results(0.92),
+        "ce-seed1": _results(0.80),
+        "bias-seed1": _results(0.80),
+    }
     summary = compare.summarize(results, ("ce", "bias"), [0, 1])
     assert summary["by_loss"]["ce"]["eval_top1"]["mean"] == pytest.approx(0.85)
     assert summary["by_loss"]["ce"]["eval_top1"]["std"] == pytest.approx(math.sqrt(0.005))
@@ -75,8 +79,9 @@ def test_bad_losses_and_reused_workdirs_are_one_line_errors(tmp_path):
     configs = compare.run_configs(config, ("ce", "bias"), [0])
     assert [(c.loss, c.seed) for c in configs.values()] == [("ce", 0), ("bias", 0)]
     os.makedirs(tmp_path / "ce-seed0")
-    (tmp_path / "ce-seed0" / "config.json").write_text(json.dumps({**json.loads(config.to_json()), "loss": "ce",
-                                                                    "num_train_steps": 99}))
+    (tmp_path / "ce-seed0" / "config.json").write_text(
+        json.dumps({**json.loads(config.to_json()), "loss": "ce", "num_train_steps": 99})
+    )
     with pytest.raises(ConfigError, match=r"ce-seed0 was trained with another config \(num_train_steps: 99 vs 6\)"):
         compare.check_reusable(configs, str(tmp_path))
 
@@ -109,7 +114,9 @@ def test_end_to_end_writes_the_files_and_resumes(digits_data_dir, tmp_path):
     killed = os.path.join(workdir, "bias-seed1")
     os.remove(os.path.join(killed, "results.json"))
     shutil.rmtree(os.path.join(killed, "checkpoints", "6"))
-    finished = {n: os.path.getmtime(os.path.join(workdir, n, "results.json")) for n in first["runs"] if n != "bias-seed1"}
+    finished = {
+        n: os.path.getmtime(os.path.join(workdir, n, "results.json")) for n in first["runs"] if n != "bias-seed1"
+    }
     second = compare.run_comparison(config, workdir, ("ce", "bias"), 2, "tiny")
     assert {n: os.path.getmtime(os.path.join(workdir, n, "results.json")) for n in finished} == finished
     with open(os.path.join(killed, "results.json")) as f:
@@ -120,13 +127,22 @@ def test_end_to_end_writes_the_files_and_resumes(digits_data_dir, tmp_path):
 def test_cli_bad_flag_is_one_line_and_writes_nothing(tmp_path):
     workdir = tmp_path / "never"
     proc = subprocess.run(
-        [sys.executable, "-m", "skipnet_jax.compare", "--config=configs/digits_hard.py", f"--workdir={workdir}",
-         "--losses=ce,focal"],
-        cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "skipnet_jax.compare",
+            "--config=configs/digits_hard.py",
+            f"--workdir={workdir}",
+            "--losses=ce,focal",
+        ],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1] == (
         "error: --losses='ce,focal': 'focal' is not a loss; valid choices: bias, ce"
     )
-    assert len([l for l in proc.stderr.splitlines() if l.startswith("error:")]) == 1
+    assert len([line for line in proc.stderr.splitlines() if line.startswith("error:")]) == 1
     assert not workdir.exists()

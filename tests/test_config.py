@@ -56,7 +56,10 @@ def test_defaults_and_shipped_configs_are_valid():
         ({"num_classes": 1}, r"config\.num_classes=1 "),
         ({"lr_step_epochs": (122, 80)}, r"config\.lr_step_epochs=\(122, 80\) .*increasing"),
         ({"schedule": "step", "lr_step_epochs": ()}, r"config\.lr_step_epochs=\(\) .*non-empty"),
-        ({"schedule": "step", "warmup_epochs": 5.0, "lr_step_epochs": (5, 80)}, r"config\.lr_step_epochs=\(5, 80\) .*after warmup_epochs \(5\.0\)"),
+        (
+            {"schedule": "step", "warmup_epochs": 5.0, "lr_step_epochs": (5, 80)},
+            r"config\.lr_step_epochs=\(5, 80\) .*after warmup_epochs \(5\.0\)",
+        ),
         ({"data__mean": (0.5, 0.5)}, r"config\.data\.mean=\(0\.5, 0\.5\) .*three numbers"),
         ({"data__std": (0.5, 0.0, 0.5)}, r"config\.data\.std=.*positive"),
         ({"dataset": ""}, r"config\.dataset='' "),
@@ -110,7 +113,11 @@ def test_url_workdir_is_refused(url, tmp_path, monkeypatch):
 def test_config_differences_lists_every_changed_field():
     saved = {"model": "skipnet_m", "data": {"augment": True, "cache": False}}
     wanted = {"model": "skipnet_s", "data": {"augment": True, "cache": True}, "new": 1}
-    assert cv.config_differences(saved, wanted) == ["data.cache: False vs True", "model: 'skipnet_m' vs 'skipnet_s'", "new: None vs 1"]
+    assert cv.config_differences(saved, wanted) == [
+        "data.cache: False vs True",
+        "model: 'skipnet_m' vs 'skipnet_s'",
+        "new: None vs 1",
+    ]
     assert cv.config_differences(saved, saved) == []
 
 

@@ -10,9 +10,8 @@ import pytest
 from absl import flags
 from conftest import REPO_ROOT
 
-from skipnet_jax import cli
+from skipnet_jax import cli, train
 from skipnet_jax import main as main_cli
-from skipnet_jax import train
 
 INVALID = [
     # (override, key the message must name)
@@ -77,7 +76,9 @@ def test_invalid_override(override, key, workdir, capsys, monkeypatch):
     before = _snapshot(workdir)
     flags.FLAGS.unparse_flags()
     with pytest.raises(SystemExit) as exit_info:
-        argv = cli.parse_absl_flags(["main", "--config=configs/digits.py", f"--workdir={workdir}", f"--config.{override}"])
+        argv = cli.parse_absl_flags(
+            ["main", "--config=configs/digits.py", f"--workdir={workdir}", f"--config.{override}"]
+        )
         main_cli.main(argv)
     assert exit_info.value.code == 2
     err = capsys.readouterr().err

@@ -13,13 +13,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import torch
 
-import torch  # noqa: E402 - the test extra installs it; a missing install must fail, not skip
-
-from skipnet_jax import convert  # noqa: E402
-from skipnet_jax.models import create_model  # noqa: E402
-from skipnet_jax.models.skipnet import torch_key_to_flax_path  # noqa: E402
-from skipnet_jax.reference.torch_skipnet import TorchSkipNet, randomize_  # noqa: E402
+from skipnet_jax import convert
+from skipnet_jax.models import create_model
+from skipnet_jax.models.skipnet import torch_key_to_flax_path
+from skipnet_jax.reference.torch_skipnet import TorchSkipNet, randomize_
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 FIXTURE = Path(__file__).parent / "fixtures" / "skipnet_m_torch_state_dict.json"
@@ -49,9 +48,9 @@ def _flat(tree, prefix=()):
     out = {}
     for k, v in tree.items():
         if isinstance(v, dict):
-            out.update(_flat(v, prefix + (k,)))
+            out.update(_flat(v, (*prefix, k)))
         else:
-            out[prefix + (k,)] = v
+            out[(*prefix, k)] = v
     return out
 
 
@@ -79,11 +78,14 @@ def test_logits_match_torch_at_224(torch_m, variables, impl):
 
     model = create_model("skipnet_m", num_classes=1000, depthwise_impl=impl)
     logits, aux = jax.jit(lambda v, xx: model.apply(v, xx, train=False))(
-        variables, jnp.asarray(x.transpose(0, 2, 3, 1)))
+        variables, jnp.asarray(x.transpose(0, 2, 3, 1))
+    )
     logit_diff = float(np.abs(np.asarray(logits) - t_logits).max())
     feat_diff = float(np.abs(np.asarray(aux["features"]) - t_feats).max())
-    print(f"[{impl}] max |logit diff| = {logit_diff:.3g} (logit std {t_logits.std():.3g}); "
-          f"max |feature diff| = {feat_diff:.3g} (feature max {np.abs(t_feats).max():.3g})")
+    print(
+        f"[{impl}] max |logit diff| = {logit_diff:.3g} (logit std {t_logits.std():.3g}); "
+        f"max |feature diff| = {feat_diff:.3g} (feature max {np.abs(t_feats).max():.3g})"
+    )
     assert logit_diff <= 1e-4
     assert feat_diff <= 1e-4 * max(1.0, float(np.abs(t_feats).max()))
 
@@ -94,12 +96,10 @@ def test_logits_match_torch_at_224(torch_m, variables, impl):
 def test_fixture_keys_convert_to_exactly_the_flax_tree():
     shapes = json.loads(FIXTURE.read_text())
     assert len(shapes) == 354
-    sd = {k: np.zeros(s, np.int64 if k.endswith("num_batches_tracked") else np.float32)
-          for k, s in shapes.items()}
+    sd = {k: np.zeros(s, np.int64 if k.endswith("num_batches_tracked") else np.float32) for k, s in shapes.items()}
     got = convert.torch_state_dict_to_variables(sd, "skipnet_m")
     model = create_model("skipnet_m", num_classes=1000)
-    want = jax.eval_shape(lambda k: model.init(k, jnp.zeros((1, 224, 224, 3)), train=False),
-                          jax.random.key(0))
+    want = jax.eval_shape(lambda k: model.init(k, jnp.zeros((1, 224, 224, 3)), train=False), jax.random.key(0))
     assert set(got) == set(want) == {"params", "batch_stats"}
     assert jax.tree.structure(got) == jax.tree.structure(jax.tree.map(lambda x: x, dict(want)))
     for path, leaf in _flat(dict(want)).items():
@@ -119,8 +119,9 @@ def test_conversion_layouts(state_dict, variables):
     np.testing.assert_array_equal(k[1, 4, 0, 7], w[7, 0, 1, 4])
     w = state_dict["classifier.0.weight"].numpy()  # (1280, 960)
     np.testing.assert_array_equal(variables["params"]["classifier_hidden"]["kernel"], w.T)
-    np.testing.assert_array_equal(variables["batch_stats"]["head"]["bn"]["var"],
-                                  state_dict["conv.1.running_var"].numpy())
+    np.testing.assert_array_equal(
+        variables["batch_stats"]["head"]["bn"]["var"], state_dict["conv.1.running_var"].numpy()
+    )
 
 
 def test_all_problems_in_one_error(state_dict):
@@ -140,8 +141,11 @@ def test_all_problems_in_one_error(state_dict):
 
 
 def test_wrong_variant_and_unknown_model(state_dict):
-    with pytest.raises(convert.ConversionError, match=r"problems converting to skipnet_xs "
-                       r"\(the shapes fit skipnet_m: wrong model\?\)"):
+    with pytest.raises(
+        convert.ConversionError,
+        match=r"problems converting to skipnet_xs "
+        r"\(the shapes fit skipnet_m: wrong model\?\)",
+    ):
         convert.torch_state_dict_to_variables(state_dict, "skipnet_xs")
     with pytest.raises(convert.ConversionError, match="not a registered model"):
         convert.torch_state_dict_to_variables(state_dict, "nope")
@@ -155,8 +159,12 @@ def test_wrong_variant_and_unknown_model(state_dict):
 
 def test_wrappers_and_data_parallel_prefix(state_dict, variables):
     dp = {"module." + k: v for k, v in state_dict.items()}
-    for wrapped in ({"state_dict": state_dict}, {"net": state_dict, "epoch": 3},
-                    {"model": dp, "optimizer": {"lr": 0.1}}, dp):
+    for wrapped in (
+        {"state_dict": state_dict},
+        {"net": state_dict, "epoch": 3},
+        {"model": dp, "optimizer": {"lr": 0.1}},
+        dp,
+    ):
         _assert_same_arrays(convert.torch_state_dict_to_variables(wrapped, "skipnet_m"), variables)
     as_numpy = {k: v.numpy() for k, v in state_dict.items()}
     _assert_same_arrays(convert.torch_state_dict_to_variables(as_numpy, "skipnet_m"), variables)
@@ -178,13 +186,13 @@ def test_load_torch_checkpoint_errors(tmp_path, monkeypatch):
         convert.load_torch_checkpoint(tmp_path / "missing.pth")
     garbage = tmp_path / "garbage.pth"
     garbage.write_bytes(b"this is not a checkpoint")
-    with pytest.raises(convert.ConversionError, match="garbage.pth") as info:
+    with pytest.raises(convert.ConversionError, match=r"garbage\.pth") as info:
         convert.load_torch_checkpoint(garbage)
     assert "\n" not in str(info.value)
 
     evil = tmp_path / "evil.pth"
     torch.save({"x": NotATensor()}, evil)
-    with pytest.raises(convert.ConversionError, match="evil.pth.*not a weights-only"):
+    with pytest.raises(convert.ConversionError, match=r"evil\.pth.*not a weights-only"):
         convert.load_torch_checkpoint(evil)
 
     monkeypatch.setitem(sys.modules, "torch", None)  # as if torch were not installed
@@ -196,8 +204,7 @@ def test_load_torch_checkpoint_errors(tmp_path, monkeypatch):
 
 def test_save_load_and_overwrite(tmp_path, variables):
     out = tmp_path / "out"
-    path = convert.save_variables(variables, out, model_name="skipnet_m", num_classes=1000,
-                                  source="x.pth")
+    path = convert.save_variables(variables, out, model_name="skipnet_m", num_classes=1000, source="x.pth")
     assert path == str(out)
     assert sorted(os.listdir(out)) == ["model.json", "variables"]
     restored, meta = convert.load_variables(out)
@@ -207,7 +214,7 @@ def test_save_load_and_overwrite(tmp_path, variables):
     with pytest.raises(convert.ConversionError, match="not empty; pass --overwrite"):
         convert.save_variables(variables, out, model_name="skipnet_m", num_classes=1000)
     convert.save_variables(variables, out, model_name="skipnet_m", num_classes=1000, overwrite=True)
-    with pytest.raises(convert.ConversionError, match="model.json is missing"):
+    with pytest.raises(convert.ConversionError, match=r"model\.json is missing"):
         convert.load_variables(tmp_path)
     (out / "model.json").write_text(json.dumps({"model": "skipnet_m", "num_classes": 10}))
     with pytest.raises(convert.ConversionError, match="cannot restore") as info:
@@ -217,8 +224,14 @@ def test_save_load_and_overwrite(tmp_path, variables):
 
 def _run_cli(*args):
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", JAX_PLATFORMS="cpu")
-    return subprocess.run([sys.executable, "-m", "skipnet_jax.convert", *map(str, args)],
-                          cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "skipnet_jax.convert", *map(str, args)],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def test_cli_round_trip(tmp_path, state_dict, variables):

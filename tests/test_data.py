@@ -10,34 +10,34 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from skipnet_jax.data import digits
-from skipnet_jax.data import pipeline
-from skipnet_jax.data import preprocess
+from skipnet_jax.data import digits, pipeline, preprocess
 
 NUM_CLASSES = 10
 
 
 def make_config(data_dir, dataset="digits", **overrides) -> ml_collections.ConfigDict:
     """A pipeline config; ``data__<field>=...`` overrides go to ``config.data``."""
-    config = ml_collections.ConfigDict({
-        "dataset": dataset,
-        "data_dir": str(data_dir),
-        "image_size": 32,
-        "batch_size": 128,
-        "eval_batch_size": 64,
-        "seed": 0,
-        "data": {
-            "train_split": "train",
-            "eval_split": "test",
-            "augment": True,
-            "shuffle_buffer": 1024,
-            "cache": True,
-            "mean": None,
-            "std": None,
-            "prefetch": 2,
-            "num_threads": 0,
-        },
-    })
+    config = ml_collections.ConfigDict(
+        {
+            "dataset": dataset,
+            "data_dir": str(data_dir),
+            "image_size": 32,
+            "batch_size": 128,
+            "eval_batch_size": 64,
+            "seed": 0,
+            "data": {
+                "train_split": "train",
+                "eval_split": "test",
+                "augment": True,
+                "shuffle_buffer": 1024,
+                "cache": True,
+                "mean": None,
+                "std": None,
+                "prefetch": 2,
+                "num_threads": 0,
+            },
+        }
+    )
     for key, value in overrides.items():
         if key.startswith("data__"):
             config.data[key.removeprefix("data__")] = value
@@ -61,17 +61,13 @@ def assert_batches_equal(actual, expected):
 def concat_processes(batches_per_process):
     """``[[batch of process k at step t]]`` -> ``[batches concatenated at step t]``."""
     return [
-        {key: np.concatenate([batch[key] for batch in step]) for key in step[0]}
-        for step in zip(*batches_per_process)
+        {key: np.concatenate([batch[key] for batch in step]) for key in step[0]} for step in zip(*batches_per_process)
     ]
 
 
 def per_process(make_iterator, process_count, n=None):
     """First `n` batches (all if None) of each process's iterator."""
-    return [
-        list(itertools.islice(make_iterator(k, process_count), n))
-        for k in range(process_count)
-    ]
+    return [list(itertools.islice(make_iterator(k, process_count), n)) for k in range(process_count)]
 
 
 def find_augmentation(augmented, original, pad, pad_value):
@@ -85,10 +81,10 @@ def find_augmentation(augmented, original, pad, pad_value):
         source = original[:, ::-1] if mirrored else original
         padded = np.empty((height + 2 * pad, width + 2 * pad, channels), np.float32)
         padded[...] = pad_value
-        padded[pad:pad + height, pad:pad + width] = source
+        padded[pad : pad + height, pad : pad + width] = source
         shifts = itertools.product(range(2 * pad + 1), repeat=2)
         for shift, (dy, dx) in enumerate(shifts):
-            crop = padded[dy:dy + height, dx:dx + width]
+            crop = padded[dy : dy + height, dx : dx + width]
             if np.allclose(crop, augmented, atol=1e-5):
                 return shift, mirrored
     return None
@@ -211,13 +207,9 @@ def test_unprepared_dataset_raises_file_not_found(tmp_path):
 
 def test_batch_size_must_divide_by_process_count(data_dir):
     with pytest.raises(ValueError, match="batch_size"):
-        pipeline.create_train_iterator(
-            make_config(data_dir, batch_size=127), process_count=2
-        )
+        pipeline.create_train_iterator(make_config(data_dir, batch_size=127), process_count=2)
     with pytest.raises(ValueError, match="eval_batch_size"):
-        pipeline.create_eval_iterator(
-            make_config(data_dir, eval_batch_size=63), process_count=2
-        )
+        pipeline.create_eval_iterator(make_config(data_dir, eval_batch_size=63), process_count=2)
 
 
 # ------------------------------------------------------------------ train
@@ -251,9 +243,7 @@ def test_train_normalisation_at_native_resolution(data_dir, digits_splits):
 
 
 def test_mean_std_override(data_dir):
-    config = make_config(
-        data_dir, image_size=8, data__mean=(0.0,) * 3, data__std=(1.0,) * 3
-    )
+    config = make_config(data_dir, image_size=8, data__mean=(0.0,) * 3, data__std=(1.0,) * 3)
     image = next(pipeline.create_train_iterator(config))["image"]
     assert image.min() >= 0.0 and image.max() == pytest.approx(1.0)
 
@@ -289,9 +279,7 @@ def test_start_step_equals_skipping_batches(data_dir, start_step):
 
 def test_far_start_step_is_constant_time(data_dir):
     # 10**7 batches of 128 are ~890k epochs: only feasible without iterating.
-    batch = next(
-        pipeline.create_train_iterator(make_config(data_dir), start_step=10**7)
-    )
+    batch = next(pipeline.create_train_iterator(make_config(data_dir), start_step=10**7))
     assert batch["image"].shape == (128, 32, 32, 3)
 
 
@@ -334,14 +322,10 @@ def test_augmentation_depends_on_epoch_and_offset(data_dir):
 
 
 @pytest.mark.parametrize("process_count", [1, 2])
-def test_eval_covers_every_example_exactly_once(
-    data_dir, digits_splits, process_count
-):
+def test_eval_covers_every_example_exactly_once(data_dir, digits_splits, process_count):
     config = make_config(data_dir, eval_batch_size=64)  # 360 = 5 * 64 + 40.
     split = per_process(
-        lambda k, count: pipeline.create_eval_iterator(
-            config, process_index=k, process_count=count
-        ),
+        lambda k, count: pipeline.create_eval_iterator(config, process_index=k, process_count=count),
         process_count,
     )
     for batches in split:
@@ -367,9 +351,7 @@ def test_two_processes_concatenate_to_one_process_eval(data_dir):
     config = make_config(data_dir, eval_batch_size=100)
     single = list(pipeline.create_eval_iterator(config))
     split = per_process(
-        lambda k, count: pipeline.create_eval_iterator(
-            config, process_index=k, process_count=count
-        ),
+        lambda k, count: pipeline.create_eval_iterator(config, process_index=k, process_count=count),
         process_count=2,
     )
     assert_batches_equal(concat_processes(split), single)
@@ -407,9 +389,7 @@ def test_cifar_augmentation_translates_and_mirrors(tmp_path):
 
 def test_random_access_matches_in_memory(tmp_path):
     """cache=False (TFDS random access) yields the same batches as cache=True."""
-    builder = tfds.builder(
-        "digits", data_dir=str(tmp_path), file_format="array_record"
-    )
+    builder = tfds.builder("digits", data_dir=str(tmp_path), file_format="array_record")
     builder.download_and_prepare()
     cached = make_config(tmp_path, data__cache=True)
     indexed = make_config(tmp_path, data__cache=False)

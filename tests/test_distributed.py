@@ -212,7 +212,7 @@ def test_launcher_stops_all_when_one_process_fails(tmp_path):
     fake.write_text(
         "#!/bin/bash\n"
         'if [[ $1 == -c ]]; then exec python3 "$@"; fi\n'
-        'if [[ $JAX_PROCESS_ID == 1 ]]; then exit 7; fi\n'
+        "if [[ $JAX_PROCESS_ID == 1 ]]; then exit 7; fi\n"
         "exec sleep 600\n"
     )
     fake.chmod(0o755)

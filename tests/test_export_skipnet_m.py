@@ -26,7 +26,10 @@ def _jpeg(width, height, seed):
     rng = np.random.default_rng(seed)
     y, x = np.mgrid[0:height, 0:width] / max(width, height)
     pixels = np.stack(
-        [127 + 120 * np.sin(2 * np.pi * (rng.uniform(1, 6) * x + rng.uniform(1, 6) * y + rng.uniform())) for _ in range(3)],
+        [
+            127 + 120 * np.sin(2 * np.pi * (rng.uniform(1, 6) * x + rng.uniform(1, 6) * y + rng.uniform()))
+            for _ in range(3)
+        ],
         -1,
     )
     pixels = np.clip(pixels + rng.normal(0, 12, pixels.shape), 0, 255).astype(np.uint8)
@@ -51,7 +54,10 @@ def test_skipnet_m_tflite_and_onnx_match_jax(tmp_path):
     )  # fmt: skip
     mode, mean, std = pipeline.eval_preprocessing(config)
     images = np.stack(
-        [predict.preprocess_image(_jpeg(w, h, i), 224, mode, mean, std) for i, (w, h) in enumerate([(500, 375), (320, 480)])]
+        [
+            predict.preprocess_image(_jpeg(w, h, i), 224, mode, mean, std)
+            for i, (w, h) in enumerate([(500, 375), (320, 480)])
+        ]
     )
     want = loaded.logits(images)
     assert 2.0 < np.abs(want).max() < 30.0  # logits with a real spread, not ~0
@@ -62,7 +68,10 @@ def test_skipnet_m_tflite_and_onnx_match_jax(tmp_path):
     onnx_path.write_bytes(export.to_onnx(tflite))
 
     errors = {}
-    for name, got in (("tflite", export.run_tflite(str(tflite_path), images)), ("onnx", export.run_onnx(str(onnx_path), images))):
+    for name, got in (
+        ("tflite", export.run_tflite(str(tflite_path), images)),
+        ("onnx", export.run_onnx(str(onnx_path), images)),
+    ):
         assert got.shape == (2, 1000)
         errors[name] = float(np.abs(got - want).max())
     print(f"SkipNet-M export max |logit diff| vs JAX: {errors} (logits up to {np.abs(want).max():.3g})")

@@ -59,7 +59,7 @@ def _odd_file(kind, array):
     if kind == "gray":
         return ".jpeg", _encode(array[..., 0], "JPEG", "L")
     if kind == "rgba":
-        alpha = np.full(array.shape[:2] + (1,), 128, np.uint8)
+        alpha = np.full((*array.shape[:2], 1), 128, np.uint8)
         return ".PNG", _encode(np.concatenate([array, alpha], -1), "PNG", "RGBA")
     if kind == "cmyk":
         return ".jpg", _cmyk_jpeg(array)
@@ -285,7 +285,7 @@ def test_folder_eval_centre_crops_every_example_once(image_folder):
 
 
 def test_folder_errors(image_folder, tmp_path):
-    with pytest.raises(ValueError, match="no 'test' split directory.*train, val"):
+    with pytest.raises(ValueError, match=r"no 'test' split directory.*train, val"):
         pipeline.get_dataset_info(_config(image_folder, eval_split="test"))
     with pytest.raises(ValueError, match="not a directory"):
         pipeline.get_dataset_info(_config(str(tmp_path / "missing")))

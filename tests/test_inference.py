@@ -14,10 +14,9 @@ import numpy as np
 import pytest
 from conftest import REPO_ROOT, tiny_digits_config
 
-
-from skipnet_jax import convert, evaluate, export, plots, predict, train  # noqa: E402
-from skipnet_jax.config_validation import ConfigError  # noqa: E402
-from skipnet_jax.data import pipeline  # noqa: E402
+from skipnet_jax import convert, evaluate, export, plots, predict, train
+from skipnet_jax.config_validation import ConfigError
+from skipnet_jax.data import pipeline
 
 NUM_STEPS = 30
 PARITY_ATOL = 1e-4
@@ -25,8 +24,14 @@ PARITY_ATOL = 1e-4
 
 def _run(module, *args):
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
-    return subprocess.run([sys.executable, "-m", f"skipnet_jax.{module}", *map(str, args)], cwd=REPO_ROOT,
-                          env=env, capture_output=True, text=True, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", f"skipnet_jax.{module}", *map(str, args)],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
 
 def _error_lines(stderr):
@@ -34,8 +39,15 @@ def _error_lines(stderr):
 
 
 def _train(digits_data_dir, workdir):
-    config = tiny_digits_config(digits_data_dir, num_train_steps=NUM_STEPS, checkpoint_every_steps=15,
-                                log_every_steps=5, eval_every_steps=15, ema_decay=0.5, learning_rate=3e-3)
+    config = tiny_digits_config(
+        digits_data_dir,
+        num_train_steps=NUM_STEPS,
+        checkpoint_every_steps=15,
+        log_every_steps=5,
+        eval_every_steps=15,
+        ema_decay=0.5,
+        learning_rate=3e-3,
+    )
     return config, train.train_and_evaluate(config, workdir)
 
 
@@ -148,8 +160,9 @@ def test_evaluate_matches_training_and_writes_files(run, loaded):
 
 def test_evaluate_converted_dir_equals_workdir(run, loaded, tmp_path):
     _, config, results = run
-    converted = convert.save_variables(jax.device_get(loaded.variables), str(tmp_path / "converted"),
-                                       model_name=config.model, num_classes=10)
+    converted = convert.save_variables(
+        jax.device_get(loaded.variables), str(tmp_path / "converted"), model_name=config.model, num_classes=10
+    )
     out = evaluate.evaluate_workdir(converted, config)
     assert out["weights"] == "converted" and out["step"] is None and not out["used_ema"]
     assert (out["eval_top1"], out["eval_top5"]) == (results["eval_top1"], results["eval_top5"])
@@ -192,13 +205,13 @@ def test_predict_png_matches_the_eval_pipeline(loaded, eval_images, digit_files)
 
 def test_predict_cli_on_a_jpeg(run, digit_files, loaded):
     workdir, _, _ = run
-    png, jpg, _ = digit_files
+    _png, jpg, _ = digit_files
     expected = predict.predict(loaded, [jpg])[0]["top"]  # compiled here first: the CLI finds it in JAX's cache
     result = _run("predict", f"--workdir={workdir}", jpg)
     assert result.returncode == 0, result.stderr
     lines = result.stdout.strip().splitlines()
     assert lines[1] == jpg and len(lines) == 7
-    for rank, (line, (index, name, prob)) in enumerate(zip(lines[2:], expected), 1):
+    for rank, (line, (_index, name, prob)) in enumerate(zip(lines[2:], expected), 1):
         assert line.split() == [f"{rank}.", name, f"{prob:.4f}"]
     with pytest.raises(ConfigError, match="cannot decode image"):
         predict.load_images([os.path.join(workdir, "config.json")], loaded.config)
@@ -211,8 +224,9 @@ def test_fold_batch_norm_is_exact(loaded, eval_images):
     np.testing.assert_allclose(folded, loaded.logits(images), atol=1e-5)
     model = export._export_model(loaded)
     variables, paths = export.fold_batch_norm(model, jax.device_get(loaded.variables), 32)
-    num_bn = sum(1 for path, _ in jax.tree_util.tree_leaves_with_path(loaded.variables["batch_stats"])
-                 if path[-1].key == "mean")
+    num_bn = sum(
+        1 for path, _ in jax.tree_util.tree_leaves_with_path(loaded.variables["batch_stats"]) if path[-1].key == "mean"
+    )
     assert len(paths) == num_bn > 40
     assert not jax.tree.leaves(variables["batch_stats"])  # every BN of SkipNet is folded
 

@@ -146,7 +146,11 @@ def test_reads_setup_cfg_requirements_with_markers_and_extras(tmp_path):
         '    tensorflow==2.21.*; platform_machine != "x86_64"\n    importlib_resources  # why\n'
         "[options.extras_require]\nexport =\n    onnx>=1.17\n"
     )
-    assert im.read_requirements(str(cfg)) == ["jax>=0.10", 'tensorflow==2.21.*; platform_machine != "x86_64"', "importlib_resources"]
+    assert im.read_requirements(str(cfg)) == [
+        "jax>=0.10",
+        'tensorflow==2.21.*; platform_machine != "x86_64"',
+        "importlib_resources",
+    ]
     assert im.read_requirements(str(cfg), ["export"])[-1] == "onnx>=1.17"
     with pytest.raises(ValueError, match="no extra 'gpu'"):
         im.read_requirements(str(cfg), ["gpu"])
@@ -155,7 +159,11 @@ def test_reads_setup_cfg_requirements_with_markers_and_extras(tmp_path):
 @pytest.mark.parametrize("how", ["module", "path"])
 def test_dry_run_against_the_real_setup_cfg(how, tmp_path):
     """Everything setup.cfg asks for is installed in the test environment: all kept or met."""
-    command = ["-m", "skipnet_jax.install_missing"] if how == "module" else [os.path.join(REPO_ROOT, "skipnet_jax", "install_missing.py")]
+    command = (
+        ["-m", "skipnet_jax.install_missing"]
+        if how == "module"
+        else [os.path.join(REPO_ROOT, "skipnet_jax", "install_missing.py")]
+    )
     result = subprocess.run(
         [sys.executable, *command, "--dry-run", "--extra", "export"],
         cwd=REPO_ROOT if how == "module" else tmp_path, capture_output=True, text=True, timeout=120, check=False,
@@ -205,7 +213,10 @@ def test_main_installs_the_missing_and_reports_what_it_kept(monkeypatch, tmp_pat
     ]
     assert "warning: keeping the installed jax 0.9.0; skipnet_jax is tested with jax>=0.10,<0.13" in out
     assert "Kept: jax 0.9.0, jax-cuda12-plugin 0.9.0, jaxlib 0.9.0, tensorflow 2.21.0\n" in out
-    assert "requires tensorflow-cpu, which is not installed, is expected: the installed tensorflow 2.21.0 provides it" in out
+    assert (
+        "requires tensorflow-cpu, which is not installed, is expected: the installed tensorflow 2.21.0 provides it"
+        in out
+    )
     assert out.endswith("Done: every requirement is installed.\n")
 
 

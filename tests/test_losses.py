@@ -96,7 +96,7 @@ def test_global_mode_uses_running_minimum():
 def test_equal_variances_are_finite():
     features = _features([[1.0, 3.0], [5.0, 7.0], [-1.0, 1.0]])  # all variance 2
     for mode in losses.BIAS_LOSS_MODES:
-        loss_fn = lambda logits: losses.bias_loss(logits, LABELS, features, mode=mode)[0]  # noqa: E731
+        loss_fn = lambda logits, mode=mode: losses.bias_loss(logits, LABELS, features, mode=mode)[0]  # noqa: E731
         loss, grads = jax.value_and_grad(loss_fn)(LOGITS)
         chex.assert_tree_all_finite((loss, grads))
         _, _, aux = losses.bias_loss(LOGITS, LABELS, features, mode=mode)

@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 
 import chex
+import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -21,8 +22,7 @@ from skipnet_jax.models import skipnet as S
 # Reference list of the released SkipNet-M state_dict keys and shapes (PAPER_FACTS §3).
 _JSON_NAME = "skipnet_m_torch_state_dict.json"
 _JSON_CANDIDATES = [
-    *([Path(os.environ["SKIPNET_REFERENCE_DIR"]) / _JSON_NAME]
-      if os.environ.get("SKIPNET_REFERENCE_DIR") else []),
+    *([Path(os.environ["SKIPNET_REFERENCE_DIR"]) / _JSON_NAME] if os.environ.get("SKIPNET_REFERENCE_DIR") else []),
     Path(__file__).parent / "fixtures" / _JSON_NAME,
     Path(__file__).resolve().parents[1] / "shared" / "reference" / _JSON_NAME,
     Path("/work/shared/reference") / _JSON_NAME,
@@ -43,8 +43,17 @@ EXPECTED_PARAMS = {
     "skipnet_l": 7_127_384,
 }
 AUX_KEYS = {
-    "stem", "base", "skip1", "skip2", "stage1", "stage2", "stage3", "stage4",
-    "features", "embedding", "pre_logits",
+    "stem",
+    "base",
+    "skip1",
+    "skip2",
+    "stage1",
+    "stage2",
+    "stage3",
+    "stage4",
+    "features",
+    "embedding",
+    "pre_logits",
 }
 
 
@@ -52,9 +61,7 @@ AUX_KEYS = {
 
 
 def _init_shapes(model, h=224, w=224):
-    return jax.eval_shape(
-        lambda: model.init(jax.random.key(0), jnp.zeros((1, h, w, 3), jnp.float32), train=False)
-    )
+    return jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, h, w, 3), jnp.float32), train=False))
 
 
 def _count(tree) -> int:
@@ -71,18 +78,21 @@ def _expected_spatial(h: int, w: int) -> dict[str, tuple[int, int]]:
     s1 = (_down(_down(stem[0])), _down(_down(stem[1])))
     s2 = (_down(s1[0]), _down(s1[1]))
     s4 = (_down(s2[0]), _down(s2[1]))
-    return dict(stem=stem, base=stem, stage1=s1, skip1=s1, stage2=s2, skip2=s2, stage3=s2,
-                stage4=s4, features=s4)
+    return dict(stem=stem, base=stem, stage1=s1, skip1=s1, stage2=s2, skip2=s2, stage3=s2, stage4=s4, features=s4)
 
 
 def _check_aux_shapes(aux, n, h, w, widths):
     assert set(AUX_KEYS) <= set(aux)
     sp = _expected_spatial(h, w)
     chans = dict(
-        stem=widths["stem"], base=widths["stem"],
-        stage1=widths["stages"][0][-1]["out"], skip1=widths["skip1"]["out"],
-        stage2=widths["stages"][1][-1]["out"], skip2=widths["skip2"]["out"],
-        stage3=widths["stages"][2][-1]["out"], stage4=widths["stages"][3][-1]["out"],
+        stem=widths["stem"],
+        base=widths["stem"],
+        stage1=widths["stages"][0][-1]["out"],
+        skip1=widths["skip1"]["out"],
+        stage2=widths["stages"][1][-1]["out"],
+        skip2=widths["skip2"]["out"],
+        stage3=widths["stages"][2][-1]["out"],
+        stage4=widths["stages"][3][-1]["out"],
         features=widths["head"],
     )
     for k, hw in sp.items():
@@ -131,10 +141,7 @@ def _random_variables(shapes, seed=0):
 
 @pytest.fixture(scope="module")
 def xs_train_fwd(xs_model):
-    return jax.jit(
-        lambda v, x, key: xs_model.apply(v, x, train=True, rngs={"dropout": key},
-                                         mutable=["batch_stats"])
-    )
+    return jax.jit(lambda v, x, key: xs_model.apply(v, x, train=True, rngs={"dropout": key}, mutable=["batch_stats"]))
 
 
 TRAIN_BATCH = (8, 64, 64, 3)
@@ -151,8 +158,7 @@ def xs_vars(xs_model, xs_train_fwd):
     v = _random_variables(_init_shapes(xs_model, 32, 32))
     x = jax.random.normal(jax.random.key(99), TRAIN_BATCH)
     _, upd = xs_train_fwd(v, x, jax.random.key(0))
-    stats = jax.tree_util.tree_map(lambda new, old: (new - 0.9 * old) / 0.1, upd["batch_stats"],
-                                   v["batch_stats"])
+    stats = jax.tree_util.tree_map(lambda new, old: (new - 0.9 * old) / 0.1, upd["batch_stats"], v["batch_stats"])
     stats = jax.tree_util.tree_map_with_path(
         lambda path, a: jnp.maximum(a, 1e-3) if getattr(path[-1], "key", "") == "var" else a, stats
     )
@@ -196,8 +202,15 @@ def test_hard_activations():
 
 @pytest.mark.parametrize(
     "hw,out",
-    [((7, 7), (3, 3)), ((10, 10), (4, 4)), ((112, 112), (28, 28)), ((13, 10), (4, 3)),
-     ((8, 12), (4, 5)), ((3, 5), (5, 2)), ((6, 6), (1, 1))],
+    [
+        ((7, 7), (3, 3)),
+        ((10, 10), (4, 4)),
+        ((112, 112), (28, 28)),
+        ((13, 10), (4, 3)),
+        ((8, 12), (4, 5)),
+        ((3, 5), (5, 2)),
+        ((6, 6), (1, 1)),
+    ],
 )
 def test_adaptive_avg_pool_matches_torch_bins(hw, out):
     x = np.random.default_rng(0).normal(size=(2, *hw, 3)).astype(np.float32)
@@ -313,8 +326,7 @@ def test_registry_lists_and_errors():
 
 
 def test_registry_overrides():
-    m = create_model("skipnet_m", num_classes=7, dropout_rate=0.5, dtype=jnp.bfloat16,
-                     depthwise_impl="lax")
+    m = create_model("skipnet_m", num_classes=7, dropout_rate=0.5, dtype=jnp.bfloat16, depthwise_impl="lax")
     assert isinstance(m, S.SkipNet)
     assert (m.num_classes, m.dropout_rate, m.dtype, m.depthwise_impl) == (7, 0.5, jnp.bfloat16, "lax")
     assert (m.mode, m.width_multiplier) == ("large", 1.0)
@@ -338,9 +350,22 @@ def test_widths_match_release():
     w = S.skipnet_widths("large", 1.0)
     assert w["stem"] == 16 and w["head"] == 960 and w["classifier_hidden"] == 1280
     assert [b["hidden"] for st in w["stages"] for b in st] == [
-        64, 72, 72, 120, 240, 240, 200, 184, 184, 480, 672, 672, 960, 960]
-    assert (w["skip1"]["hidden"], w["skip1"]["out"], w["skip2"]["hidden"], w["skip2"]["out"]) == (
-        96, 40, 40, 80)
+        64,
+        72,
+        72,
+        120,
+        240,
+        240,
+        200,
+        184,
+        184,
+        480,
+        672,
+        672,
+        960,
+        960,
+    ]
+    assert (w["skip1"]["hidden"], w["skip1"]["out"], w["skip2"]["hidden"], w["skip2"]["out"]) == (96, 40, 40, 80)
     assert S.skipnet_widths("large", 1.15)["classifier_hidden"] == 1472
     assert S.skipnet_widths("small", 0.5)["classifier_hidden"] == 1024
     assert S.skipnet_widths("small", 0.5)["stem"] == 8
@@ -441,9 +466,7 @@ def test_skipnet_aux_consistency(xs_vars, xs_apply):
 
 def test_release_initialisers(xs_model):
     # unsafe_rbg keys compile much faster than threefry for ~200 parameter inits.
-    v = jax.jit(
-        lambda: xs_model.init(jax.random.key(0, impl="unsafe_rbg"), jnp.zeros((1, 32, 32, 3)))
-    )()
+    v = jax.jit(lambda: xs_model.init(jax.random.key(0, impl="unsafe_rbg"), jnp.zeros((1, 32, 32, 3))))()
     p = v["params"]
     k = np.asarray(p["head"]["conv"]["kernel"])  # (1, 1, 80, 480)
     np.testing.assert_allclose(k.std(), math.sqrt(2.0 / k.shape[-1]), rtol=0.05)
@@ -489,8 +512,7 @@ def test_train_mode_updates_batch_stats_and_dropout(xs_model, xs_vars, xs_train_
     assert not np.allclose(old["var"], new["var"])
     # momentum 0.9: new = 0.9 * old + 0.1 * batch statistic (biased variance, as Flax does)
     k = xs_vars["params"]["stem"]["conv"]["kernel"]
-    conv = jax.lax.conv_general_dilated(x, k, (2, 2), ((1, 1), (1, 1)),
-                                        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    conv = jax.lax.conv_general_dilated(x, k, (2, 2), ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC"))
     mu, var = conv.mean(axis=(0, 1, 2)), conv.var(axis=(0, 1, 2))
     np.testing.assert_allclose(new["mean"], 0.9 * old["mean"] + 0.1 * mu, rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(new["var"], 0.9 * old["var"] + 0.1 * var, rtol=1e-4, atol=1e-5)
@@ -503,16 +525,15 @@ def test_train_mode_updates_batch_stats_and_dropout(xs_model, xs_vars, xs_train_
     e1 = ev(xs_vars, xe, jax.random.key(10))
     np.testing.assert_array_equal(e1, ev(xs_vars, xe, jax.random.key(11)))
     np.testing.assert_allclose(e1, xs_apply(xs_vars, xe)[0], rtol=1e-6, atol=1e-6)
-    with pytest.raises(Exception):  # train mode needs a 'dropout' RNG
-        jax.eval_shape(lambda v, x: xs_model.apply(v, x, train=True, mutable=["batch_stats"]),
-                       xs_vars, x)
+    with pytest.raises(flax.errors.InvalidRngError):  # train mode needs a 'dropout' RNG
+        jax.eval_shape(lambda v, x: xs_model.apply(v, x, train=True, mutable=["batch_stats"]), xs_vars, x)
 
 
 def test_bf16_compute_dtype(xs_vars, xs_apply):
     x = jax.random.normal(jax.random.key(7), (2, 64, 64, 3))
     v = xs_vars
     m16 = create_model("skipnet_xs", num_classes=10, dtype=jnp.bfloat16)
-    l32, a32 = xs_apply(v, x)
+    l32, _a32 = xs_apply(v, x)
     l16, a16 = jax.jit(m16.apply)(v, x)
     assert l16.dtype == jnp.float32
     assert a16["features"].dtype == jnp.bfloat16
@@ -592,8 +613,7 @@ def test_matches_torch_reference_xs_non_divisible(xs_apply):
 
     from skipnet_jax.reference import torch_skipnet as ref
 
-    net = ref.randomize_(ref.TorchSkipNet("small", 0.5, num_classes=10), seed=1,
-                         calibration_size=96).eval()
+    net = ref.randomize_(ref.TorchSkipNet("small", 0.5, num_classes=10), seed=1, calibration_size=96).eval()
     variables = _torch_state_dict_to_flax(net.state_dict())
     x = np.random.default_rng(1).normal(size=(2, 3, 100, 75)).astype(np.float32)
     _compare_with_torch(torch, net, lambda xx: xs_apply(variables, xx), x)

@@ -14,8 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from skipnet_jax.models import create_model, list_models
-from skipnet_jax.models import cifar
+from skipnet_jax.models import cifar, create_model, list_models
 
 NEW_MODELS = (
     "mobilenet_v3_large",
@@ -64,9 +63,7 @@ BATCH = 2
 
 
 def _init_shapes(model, size=32):
-    return jax.eval_shape(
-        lambda x: model.init(jax.random.key(0), x, train=False), jnp.zeros((1, size, size, 3))
-    )
+    return jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), jnp.zeros((1, size, size, 3)))
 
 
 def _num_params(variables) -> int:
@@ -104,23 +101,22 @@ def _run(name: str) -> dict:
         model = create_model(name, num_classes=NUM_CLASSES, **overrides)
         model_bf16 = model.clone(dtype=jnp.bfloat16)
         variables = _synthetic_variables(_init_shapes(model))
-        images = jnp.asarray(
-            np.random.default_rng(1).standard_normal((BATCH, 32, 32, 3)), jnp.float32
-        )
+        images = jnp.asarray(np.random.default_rng(1).standard_normal((BATCH, 32, 32, 3)), jnp.float32)
 
         @jax.jit
         def both(variables, images):
             eval_out = model.apply(variables, images, train=False)
             train_out, updates = model_bf16.apply(
-                variables, images, train=True, mutable=["batch_stats"],
+                variables,
+                images,
+                train=True,
+                mutable=["batch_stats"],
                 rngs={"dropout": jax.random.key(2)},
             )
             return eval_out, train_out, updates
 
         eval_out, train_out, updates = jax.device_get(both(variables, images))
-        _RUNS[name] = dict(
-            variables=variables, eval=eval_out, train=train_out, updates=updates
-        )
+        _RUNS[name] = dict(variables=variables, eval=eval_out, train=train_out, updates=updates)
     return _RUNS[name]
 
 
@@ -153,9 +149,7 @@ def test_parameter_counts(name, classes):
 def test_224px_shapes(name):
     model = create_model(name, num_classes=1000)
     shapes = _init_shapes(model, 224)
-    logits, aux = jax.eval_shape(
-        lambda v, x: model.apply(v, x, train=False), shapes, jnp.zeros((BATCH, 224, 224, 3))
-    )
+    logits, aux = jax.eval_shape(lambda v, x: model.apply(v, x, train=False), shapes, jnp.zeros((BATCH, 224, 224, 3)))
     assert logits.shape == (BATCH, 1000) and logits.dtype == jnp.float32
     assert aux["features"].shape == (BATCH, *FEATURES_224[name])
     assert aux["embedding"].shape == (BATCH, FEATURES_224[name][-1])

@@ -83,8 +83,6 @@ print("OK", sorted(m for m in sys.modules if m.startswith("tensorflow")))
 
 def test_models_loss_and_steps_run_without_tensorflow():
     code = _BLOCK_TENSORFLOW + textwrap.dedent(_SCRIPT)
-    proc = subprocess.run(
-        [sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, timeout=600
-    )
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert proc.stdout.strip().splitlines()[-1] == "OK []"

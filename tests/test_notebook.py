@@ -34,7 +34,9 @@ def test_colab_notebook_runs_on_cpu(digits_data_dir, tmp_path, monkeypatch):
     }.items():  # fmt: skip
         monkeypatch.setenv(key, value)  # inherited by the kernel process
     notebook = nbformat.read(NOTEBOOK, as_version=4)
-    nbclient.NotebookClient(notebook, timeout=900, kernel_name="python3", resources={"metadata": {"path": REPO_ROOT}}).execute()
+    nbclient.NotebookClient(
+        notebook, timeout=900, kernel_name="python3", resources={"metadata": {"path": REPO_ROOT}}
+    ).execute()
 
     outputs = [o for cell in notebook.cells if cell.cell_type == "code" for o in cell.get("outputs", [])]
     assert not [o for o in outputs if o.output_type == "error"]
@@ -80,6 +82,10 @@ logging.getLogger("jax").warning("jax WARNING: shown")
     )
     messages = [re.sub(r"^[IWE]\d{4} [\d:.]+ +\d+ (\S+:\d+)\] ", r"\1 ", line) for line in result.stderr.splitlines()]
     assert len(messages) == 3, result.stderr
-    assert re.fullmatch(r"reporting\.py:\d+ step 2/4  loss 1\.0000  acc 0\.500  lr 0\.1  [\d.]+ img/s  ETA 0m00s", messages[0])
-    assert re.fullmatch(r"reporting\.py:\d+ step 4/4  loss 1\.0000  acc 0\.500  lr 0\.1  [\d.]+ img/s  ETA 0m00s", messages[1])
+    assert re.fullmatch(
+        r"reporting\.py:\d+ step 2/4  loss 1\.0000  acc 0\.500  lr 0\.1  [\d.]+ img/s  ETA 0m00s", messages[0]
+    )
+    assert re.fullmatch(
+        r"reporting\.py:\d+ step 4/4  loss 1\.0000  acc 0\.500  lr 0\.1  [\d.]+ img/s  ETA 0m00s", messages[1]
+    )
     assert re.fullmatch(r"<string>:\d+ jax WARNING: shown", messages[2])

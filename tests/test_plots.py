@@ -9,7 +9,6 @@ import os
 import numpy as np
 import pytest
 
-
 from skipnet_jax import plots
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -145,8 +144,10 @@ def test_save_all_and_cli(tmp_path):
     assert set(written) == {"training_curves", "bias_vs_cross_entropy"}
 
     rng = np.random.default_rng(1)
-    plots.save_snapshots(os.path.join(workdir, plots.SNAPSHOTS_FILE),
-                         {0: {"normalized_variance": rng.uniform(size=32)}, 50: {"normalized_variance": rng.uniform(size=32)}})
+    plots.save_snapshots(
+        os.path.join(workdir, plots.SNAPSHOTS_FILE),
+        {0: {"normalized_variance": rng.uniform(size=32)}, 50: {"normalized_variance": rng.uniform(size=32)}},
+    )
     assert sorted(plots.load_snapshots(os.path.join(workdir, plots.SNAPSHOTS_FILE))) == [0, 50]
     matrix = np.diag([5] * 10) + np.eye(10, k=1, dtype=int)
     with open(os.path.join(workdir, plots.EVAL_RESULTS_FILE), "w") as f:
@@ -154,8 +155,12 @@ def test_save_all_and_cli(tmp_path):
 
     assert plots.main(["--workdir", workdir]) == 0
     names = sorted(os.listdir(os.path.join(workdir, "plots")))
-    assert names == ["bias_vs_cross_entropy.png", "confusion_matrix.png", "training_curves.png",
-                     "variance_histograms.png"]
+    assert names == [
+        "bias_vs_cross_entropy.png",
+        "confusion_matrix.png",
+        "training_curves.png",
+        "variance_histograms.png",
+    ]
     for name in names:
         _assert_png(os.path.join(workdir, "plots", name))
     assert plots.main(["--workdir", str(tmp_path / "missing")]) == 2

@@ -105,7 +105,9 @@ def test_truncated_latest_checkpoint_falls_back_to_previous(uninterrupted, digit
     assert _run(tmp_path, digits_data_dir).returncode == 0
     os.remove(tmp_path / "results.json")
     latest = tmp_path / "checkpoints" / str(STEPS)
-    victims = sorted((p for p in latest.rglob("*") if p.is_file() and p.stat().st_size > 1000), key=lambda p: -p.stat().st_size)
+    victims = sorted(
+        (p for p in latest.rglob("*") if p.is_file() and p.stat().st_size > 1000), key=lambda p: -p.stat().st_size
+    )
     with open(victims[0], "r+b") as f:
         f.truncate(victims[0].stat().st_size // 2)
     result = _run(tmp_path, digits_data_dir)
@@ -116,10 +118,12 @@ def test_truncated_latest_checkpoint_falls_back_to_previous(uninterrupted, digit
 
 
 def test_nan_stops_with_the_step_and_keeps_the_last_checkpoint(digits_data_dir, tmp_path):
-    result = _run(tmp_path, digits_data_dir, "--config.optimizer=sgd", "--config.learning_rate=1e30", "--config.loss=ce")
+    result = _run(
+        tmp_path, digits_data_dir, "--config.optimizer=sgd", "--config.learning_rate=1e30", "--config.loss=ce"
+    )
     assert result.returncode == 2, result.stderr[-3000:]
     assert "Traceback" not in result.stderr
-    (line,) = [l for l in result.stderr.splitlines() if l.startswith("error:")]
+    (line,) = [text for text in result.stderr.splitlines() if text.startswith("error:")]
     assert "non-finite loss or gradient at step" in line
     failed_step = int(line.split("at step ")[1].split()[0])
     assert all(step <= failed_step for step in _steps_saved(tmp_path))
@@ -133,7 +137,7 @@ def test_checkpoint_of_another_model_is_refused(digits_data_dir, tmp_path):
     saved_config = (tmp_path / "config.json").read_bytes()
     result = _run(tmp_path, digits_data_dir, "--config.model=skipnet_s")
     assert result.returncode == 2
-    (line,) = [l for l in result.stderr.splitlines() if l.startswith("error:")]
+    (line,) = [text for text in result.stderr.splitlines() if text.startswith("error:")]
     assert "does not match the configured model" in line
     assert line.startswith("error: config differs from the workdir's run (model: 'skipnet_xs' vs 'skipnet_s'; ")
     assert len(line) < 1000, line

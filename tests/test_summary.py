@@ -78,8 +78,7 @@ def test_every_registered_model(name):
     """Generic over the registry: the total equals the model's own parameter count."""
     s = summary.summarize(name, 224, 1000)
     model = create_model(name, num_classes=1000)
-    v = jax.eval_shape(lambda k: model.init(k, jnp.zeros((1, 224, 224, 3)), train=False),
-                       jax.random.key(0))
+    v = jax.eval_shape(lambda k: model.init(k, jnp.zeros((1, 224, 224, 3)), train=False), jax.random.key(0))
     assert s.params == sum(x.size for x in jax.tree.leaves(v["params"]))
     assert s.macs > 0 and s.rows
 
@@ -93,8 +92,14 @@ def test_markdown_table():
 
 def _run_cli(*args):
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", JAX_PLATFORMS="cpu")
-    return subprocess.run([sys.executable, "-m", "skipnet_jax.summary", *args], cwd=REPO_ROOT,
-                          env=env, capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "skipnet_jax.summary", *args],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def test_cli():

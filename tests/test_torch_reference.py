@@ -14,14 +14,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
 
-import torch  # noqa: E402 - the test extra installs it; a missing install must fail, not skip
-
-from torch import nn  # noqa: E402
-from torch.nn import functional as F  # noqa: E402
-
-from skipnet_jax.reference.torch_bias_loss import TorchBiasLoss, feature_variance, z_weight  # noqa: E402
-from skipnet_jax.reference.torch_skipnet import (  # noqa: E402
+from skipnet_jax.reference.torch_bias_loss import TorchBiasLoss, feature_variance, z_weight
+from skipnet_jax.reference.torch_skipnet import (
     VARIANTS,
     TorchSkipNet,
     count_parameters,
@@ -40,7 +38,10 @@ def _find_layout_json():
     candidates = []
     if os.environ.get("SKIPNET_REFERENCE_DIR"):
         candidates.append(Path(os.environ["SKIPNET_REFERENCE_DIR"]) / JSON_NAME)
-    candidates += [Path(__file__).parent / "fixtures" / JSON_NAME, REPO_ROOT.parent / "shared" / "reference" / JSON_NAME]
+    candidates += [
+        Path(__file__).parent / "fixtures" / JSON_NAME,
+        REPO_ROOT.parent / "shared" / "reference" / JSON_NAME,
+    ]
     for c in candidates:
         if c.is_file():
             return c
@@ -244,9 +245,7 @@ def test_tiny_hand_made_batch(mode):
     loss = loss_fn(features, logits, targets)
     torch.testing.assert_close(loss_fn.last_variance, torch.tensor([0.0, 1.0], dtype=torch.float64))
     torch.testing.assert_close(loss_fn.last_scaled, torch.tensor([0.0, 1.0], dtype=torch.float64))
-    torch.testing.assert_close(
-        loss_fn.last_weights, torch.tensor([0.7, math.exp(0.3) - 0.3], dtype=torch.float64)
-    )
+    torch.testing.assert_close(loss_fn.last_weights, torch.tensor([0.7, math.exp(0.3) - 0.3], dtype=torch.float64))
     assert loss.item() == pytest.approx((0.7 + math.exp(0.3) - 0.3) / 2 * math.log(4), rel=1e-12)
 
 

@@ -91,7 +91,9 @@ def test_skipped_steps_accumulate_across_resumes(digits_data_dir, tmp_path):
     config.num_train_steps = 6
     second = train.train_and_evaluate(config, str(tmp_path))
     assert second["resumed_from_step"] == 4
-    assert second["skipped_nonfinite_steps"][: len(first["skipped_nonfinite_steps"])] == first["skipped_nonfinite_steps"]
+    assert (
+        second["skipped_nonfinite_steps"][: len(first["skipped_nonfinite_steps"])] == first["skipped_nonfinite_steps"]
+    )
     assert all(step >= 4 for step in second["skipped_nonfinite_steps"][len(first["skipped_nonfinite_steps"]) :])
     _strict_json(tmp_path / "results.json")
 
@@ -124,7 +126,9 @@ def step_setup():
     model = train.create_model(config, num_classes=10)
     tx = optim.create_optimizer(config, _STEP_SETUP_LR)
     state = train.create_train_state(config, model, tx)
-    step = jax.jit(lambda s, b: train.train_step(s, b, model=model, tx=tx, learning_rate_fn=_STEP_SETUP_LR, config=config))
+    step = jax.jit(
+        lambda s, b: train.train_step(s, b, model=model, tx=tx, learning_rate_fn=_STEP_SETUP_LR, config=config)
+    )
     rng = np.random.default_rng(0)
     batch = {
         "image": jnp.asarray(rng.normal(size=(8, 32, 32, 3)), jnp.float32),
@@ -183,4 +187,6 @@ def test_halt_on_nonfinite_latches_the_first_bad_step(step_setup):
     chex.assert_trees_all_equal(after_more.replace(step=good_state.step), good_state)
     # Without a latch, the same good batch would have trained on.
     trained_on, _ = step(after_bad, batch)
-    assert not all(jax.tree.leaves(jax.tree.map(lambda a, b: bool(jnp.all(a == b)), trained_on.params, good_state.params)))
+    assert not all(
+        jax.tree.leaves(jax.tree.map(lambda a, b: bool(jnp.all(a == b)), trained_on.params, good_state.params))
+    )

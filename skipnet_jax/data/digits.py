@@ -36,11 +36,11 @@ Importing this module registers the builder, after which
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, ClassVar
 
-from etils import epath
 import numpy as np
 import tensorflow_datasets as tfds
+from etils import epath
 
 from skipnet_jax.data.digits_arrays import (  # noqa: F401 (re-exported: the split's definition)
     NUM_EXAMPLES,
@@ -62,7 +62,7 @@ class Digits(tfds.core.GeneratorBasedBuilder):
     code_path = epath.Path(__file__)
 
     VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {
+    RELEASE_NOTES: ClassVar[dict[str, str]] = {
         "1.0.0": (
             "Initial release: sklearn load_digits, 8x8x1 uint8 images,"
             " stratified 80/20 train/test split (random_state=0): 1437/360."
@@ -78,15 +78,14 @@ class Digits(tfds.core.GeneratorBasedBuilder):
                 " exposed through TFDS so the default offline dataset uses the"
                 " same input pipeline as CIFAR/ImageNet."
             ),
-            features=tfds.features.FeaturesDict({
-                "image": tfds.features.Image(shape=(8, 8, 1), dtype=np.uint8),
-                "label": tfds.features.ClassLabel(names=[str(d) for d in range(10)]),
-            }),
-            supervised_keys=("image", "label"),
-            homepage=(
-                "https://scikit-learn.org/stable/modules/generated/"
-                "sklearn.datasets.load_digits.html"
+            features=tfds.features.FeaturesDict(
+                {
+                    "image": tfds.features.Image(shape=(8, 8, 1), dtype=np.uint8),
+                    "label": tfds.features.ClassLabel(names=[str(d) for d in range(10)]),
+                }
             ),
+            supervised_keys=("image", "label"),
+            homepage=("https://scikit-learn.org/stable/modules/generated/sklearn.datasets.load_digits.html"),
             citation=(
                 "@misc{uci_optdigits, author={Alpaydin, E. and Kaynak, C.},"
                 " title={Optical Recognition of Handwritten Digits}, year={1998},"
@@ -98,8 +97,7 @@ class Digits(tfds.core.GeneratorBasedBuilder):
         del dl_manager  # The data ships with scikit-learn; nothing to download.
         images, labels = load_raw()
         return {
-            name: self._generate_examples(images, labels, indices)
-            for name, indices in split_indices(labels).items()
+            name: self._generate_examples(images, labels, indices) for name, indices in split_indices(labels).items()
         }
 
     def _generate_examples(

@@ -89,8 +89,7 @@ def class_names(name: str) -> tuple[str, ...]:
     train = os.path.join(root, "train")
     if not tf.io.gfile.isdir(train):
         raise ValueError(
-            f"image folder {root!r} has no train/ directory; expected"
-            " train/<class>/*.jpg|jpeg|png and val/<class>/..."
+            f"image folder {root!r} has no train/ directory; expected train/<class>/*.jpg|jpeg|png and val/<class>/..."
         )
     names = _subdirs(train)
     if not names:
@@ -134,9 +133,5 @@ def load_split(name: str, split: str) -> FolderSplit:
         paths.extend(os.path.join(class_dir, f) for f in files)
         labels.extend([label] * len(files))
     if not paths:
-        raise ValueError(
-            f"image folder split {directory!r} has no {'/'.join(IMAGE_EXTENSIONS)} files"
-        )
-    return FolderSplit(
-        directory=directory, paths=tuple(paths), labels=tuple(labels), empty_class_dirs=tuple(empty)
-    )
+        raise ValueError(f"image folder split {directory!r} has no {'/'.join(IMAGE_EXTENSIONS)} files")
+    return FolderSplit(directory=directory, paths=tuple(paths), labels=tuple(labels), empty_class_dirs=tuple(empty))

@@ -69,10 +69,10 @@ import os
 import sys
 from collections.abc import Callable, Iterator
 
-from absl import logging
 import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
+from absl import logging
 
 from skipnet_jax.data import digits as _digits  # noqa: F401 (registers "digits")
 from skipnet_jax.data import folder, inception, preprocess, randaugment
@@ -192,9 +192,7 @@ def create_train_iterator(
     """
     if start_step < 0:
         raise ValueError(f"start_step must be >= 0, got {start_step}")
-    local_batch = _local_batch_size(
-        "batch_size", config.batch_size, process_index, process_count
-    )
+    local_batch = _local_batch_size("batch_size", config.batch_size, process_index, process_count)
     source = _open_source(config, config.data.train_split)
     augment = config.data.augment
     policy = preprocess.augment_policy(_flip_name(config), augment)
@@ -205,9 +203,7 @@ def create_train_iterator(
 
     def load_index(index: tf.Tensor, seed: tf.Tensor) -> Example:
         image, label = source.lookup(index)
-        crop_seed, flip_seed, randaugment_seed = tf.unstack(
-            tf.random.experimental.stateless_split(seed, num=3)
-        )
+        crop_seed, flip_seed, randaugment_seed = tf.unstack(tf.random.experimental.stateless_split(seed, num=3))
         if source.preprocessing == "inception":
             if augment:
                 image = inception.train_image(image, crop_seed, size)
@@ -234,18 +230,12 @@ def create_train_iterator(
         )
         return {**example, INDEX_KEY: element["index"]}
 
-    stream = _train_stream(
-        source.num_examples, config.batch_size, start_step, config.seed
-    )
-    stream = _process_rows(
-        stream, config.batch_size, local_batch, process_index, process_count
-    )
+    stream = _train_stream(source.num_examples, config.batch_size, start_step, config.seed)
+    stream = _process_rows(stream, config.batch_size, local_batch, process_index, process_count)
     return _finish(stream.map(load, **_PARALLEL), local_batch, config)
 
 
-def create_eval_iterator(
-    config, *, process_index: int = 0, process_count: int = 1
-) -> Iterator[Batch]:
+def create_eval_iterator(config, *, process_index: int = 0, process_count: int = 1) -> Iterator[Batch]:
     """One ordered pass over the eval split, padded to whole global batches.
 
     Yields `num_eval_batches(config)` batches of ``{"image", "label",
@@ -253,9 +243,7 @@ def create_eval_iterator(
     ``mask`` is 1.0 for real examples and 0.0 for padding (zero image,
     label 0), so every example counts exactly once across all processes.
     """
-    local_batch = _local_batch_size(
-        "eval_batch_size", config.eval_batch_size, process_index, process_count
-    )
+    local_batch = _local_batch_size("eval_batch_size", config.eval_batch_size, process_index, process_count)
     source = _open_source(config, config.data.eval_split)
     mean, std = _normalization(config, source.preprocessing)
     num = source.num_examples
@@ -294,9 +282,7 @@ def create_eval_iterator(
         }
 
     positions = tf.data.Dataset.range(total).map(lambda p: {"position": p})
-    positions = _process_rows(
-        positions, config.eval_batch_size, local_batch, process_index, process_count
-    )
+    positions = _process_rows(positions, config.eval_batch_size, local_batch, process_index, process_count)
     return _finish(positions.map(load, **_PARALLEL), local_batch, config)
 
 
@@ -342,9 +328,7 @@ def pop_bad_files(batch: Batch, config, split: str) -> list[tuple[str, ...]]:
 # Index streams.
 
 
-def _train_stream(
-    num_examples: int, global_batch: int, start_step: int, seed: int
-) -> tf.data.Dataset:
+def _train_stream(num_examples: int, global_batch: int, start_step: int, seed: int) -> tf.data.Dataset:
     """Index elements ``{epoch, offset, index}`` from position ``start_step*B``.
 
     Each epoch's permutation depends only on ``(seed, epoch)``; the first
@@ -356,16 +340,16 @@ def _train_stream(
 
     def epoch_elements(epoch: tf.Tensor) -> tf.data.Dataset:
         epoch_seed = tf.random.experimental.stateless_fold_in(shuffle_seed, epoch)
-        permutation = tf.random.experimental.stateless_shuffle(
-            tf.range(num_examples, dtype=tf.int64), seed=epoch_seed
-        )
+        permutation = tf.random.experimental.stateless_shuffle(tf.range(num_examples, dtype=tf.int64), seed=epoch_seed)
         begin = tf.maximum(start - epoch * num_examples, 0)
         offsets = tf.range(begin, num_examples, dtype=tf.int64)
-        return tf.data.Dataset.from_tensor_slices({
-            "epoch": tf.fill(tf.shape(offsets), epoch),
-            "offset": offsets,
-            "index": permutation[begin:],
-        })
+        return tf.data.Dataset.from_tensor_slices(
+            {
+                "epoch": tf.fill(tf.shape(offsets), epoch),
+                "offset": offsets,
+                "index": permutation[begin:],
+            }
+        )
 
     epochs = tf.data.Dataset.range(first_epoch, _INT64_MAX)
     elements = epochs.flat_map(epoch_elements)
@@ -590,9 +574,7 @@ def _builder(config) -> tfds.core.DatasetBuilder:
 def _prepare_from_manual_dir(
     config, builder: tfds.core.DatasetBuilder, files: tuple[str, ...]
 ) -> tfds.core.DatasetBuilder:
-    manual_dir = config.data.get("manual_dir") or os.fspath(
-        builder.data_dir_root / "downloads" / "manual"
-    )
+    manual_dir = config.data.get("manual_dir") or os.fspath(builder.data_dir_root / "downloads" / "manual")
     missing = [f for f in files if not tf.io.gfile.exists(os.path.join(manual_dir, f))]
     if missing:
         raise DataNotFoundError(
@@ -611,9 +593,7 @@ def _prepare_from_manual_dir(
             f" --data_dir=... --manual_dir={manual_dir}`"
         )
     logging.info("Preparing %s from %s (once; takes long for the full dataset)", config.dataset, manual_dir)
-    tfds.builder(
-        config.dataset, data_dir=config.data_dir, file_format="array_record"
-    ).download_and_prepare(
+    tfds.builder(config.dataset, data_dir=config.data_dir, file_format="array_record").download_and_prepare(
         download_config=tfds.download.DownloadConfig(manual_dir=manual_dir)
     )
     return tfds.builder(config.dataset, data_dir=config.data_dir)
@@ -653,9 +633,7 @@ def _num_examples(builder: tfds.core.DatasetBuilder, split: str) -> int:
     return cardinality
 
 
-def _open_split(
-    builder: tfds.core.DatasetBuilder, split: str, cache: bool, encoded: bool = False
-) -> _Source:
+def _open_split(builder: tfds.core.DatasetBuilder, split: str, cache: bool, encoded: bool = False) -> _Source:
     """In-memory source if `cache`, else TFDS random access (`as_data_source`).
 
     `encoded` (random access only): the image is returned as its stored
@@ -690,9 +668,7 @@ def _in_memory_source(builder: tfds.core.DatasetBuilder, split: str) -> _Source:
     return _Source(num_examples=len(labels), lookup=lookup)
 
 
-def _read_split(
-    builder: tfds.core.DatasetBuilder, split: str
-) -> tuple[np.ndarray, np.ndarray]:
+def _read_split(builder: tfds.core.DatasetBuilder, split: str) -> tuple[np.ndarray, np.ndarray]:
     """Returns ``(uint8 images [N, h, w, c], int32 labels [N])`` in split order."""
     image_shape = builder.info.features["image"].shape
     if None in image_shape:
@@ -714,9 +690,7 @@ def _read_split(
     return images.astype(np.uint8), labels.astype(np.int32)
 
 
-def _random_access_source(
-    builder: tfds.core.DatasetBuilder, split: str, encoded: bool = False
-) -> _Source:
+def _random_access_source(builder: tfds.core.DatasetBuilder, split: str, encoded: bool = False) -> _Source:
     """Reads (and unless `encoded`, decodes) single examples on demand via TFDS random access."""
     if not _has_random_access(builder):
         raise ValueError(
@@ -738,9 +712,7 @@ def _random_access_source(
         return image, np.int32(example["label"])
 
     def lookup(index: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-        image, label = tf.numpy_function(
-            fetch, [index], [tf.string if encoded else tf.uint8, tf.int32], stateful=False
-        )
+        image, label = tf.numpy_function(fetch, [index], [tf.string if encoded else tf.uint8, tf.int32], stateful=False)
         return tf.ensure_shape(image, image_shape), tf.ensure_shape(label, [])
 
     return _Source(num_examples=len(data), lookup=lookup)
@@ -750,20 +722,12 @@ def _random_access_source(
 # Configuration helpers.
 
 
-def _local_batch_size(
-    field: str, global_batch: int, process_index: int, process_count: int
-) -> int:
+def _local_batch_size(field: str, global_batch: int, process_index: int, process_count: int) -> int:
     """``global_batch // process_count``, validating the process layout."""
     if process_count < 1 or not 0 <= process_index < process_count:
-        raise ValueError(
-            f"need 0 <= process_index < process_count, got {process_index}"
-            f" and {process_count}"
-        )
+        raise ValueError(f"need 0 <= process_index < process_count, got {process_index} and {process_count}")
     if global_batch < 1 or global_batch % process_count:
-        raise ValueError(
-            f"config.{field}={global_batch} must be a positive multiple of"
-            f" process_count={process_count}"
-        )
+        raise ValueError(f"config.{field}={global_batch} must be a positive multiple of process_count={process_count}")
     return global_batch // process_count
 
 
@@ -780,9 +744,7 @@ def _normalization(config, preprocessing: str = "simple") -> tuple[preprocess.St
     mean = tuple(config.data.mean) if config.data.mean is not None else default_mean
     std = tuple(config.data.std) if config.data.std is not None else default_std
     if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
-        raise ValueError(
-            f"config.data.mean/std must be 3 floats (std > 0), got {mean} / {std}"
-        )
+        raise ValueError(f"config.data.mean/std must be 3 floats (std > 0), got {mean} / {std}")
     return mean, std
 
 
@@ -791,10 +753,7 @@ def _check_data_config(config) -> None:
     data = config.data
     mode = data.get("preprocessing", "auto")
     if mode not in PREPROCESSINGS:
-        raise ValueError(
-            f"config.data.preprocessing={mode!r} is not valid; valid choices:"
-            f" {', '.join(PREPROCESSINGS)}"
-        )
+        raise ValueError(f"config.data.preprocessing={mode!r} is not valid; valid choices: {', '.join(PREPROCESSINGS)}")
     layers = data.get("randaugment_num_layers", 0)
     if isinstance(layers, bool) or not isinstance(layers, int) or layers < 0:
         raise ValueError(
@@ -802,8 +761,10 @@ def _check_data_config(config) -> None:
             " be an integer >= 0 (0 disables RandAugment)"
         )
     magnitude = data.get("randaugment_magnitude", 0.0)
-    if isinstance(magnitude, bool) or not isinstance(magnitude, (int, float)) or not (
-        0 <= magnitude <= randaugment.MAX_LEVEL
+    if (
+        isinstance(magnitude, bool)
+        or not isinstance(magnitude, (int, float))
+        or not (0 <= magnitude <= randaugment.MAX_LEVEL)
     ):
         raise ValueError(
             f"config.data.randaugment_magnitude={magnitude!r} is not valid; it"
@@ -812,15 +773,11 @@ def _check_data_config(config) -> None:
     policy = data.get("bad_images", "skip")
     if policy not in BAD_IMAGE_POLICIES:
         raise ValueError(
-            f"config.data.bad_images={policy!r} is not valid; valid choices:"
-            f" {', '.join(BAD_IMAGE_POLICIES)}"
+            f"config.data.bad_images={policy!r} is not valid; valid choices: {', '.join(BAD_IMAGE_POLICIES)}"
         )
     manual_dir = data.get("manual_dir")
     if manual_dir is not None and (not isinstance(manual_dir, str) or not manual_dir):
-        raise ValueError(
-            f"config.data.manual_dir={manual_dir!r} is not valid; it must be None"
-            " or a directory path"
-        )
+        raise ValueError(f"config.data.manual_dir={manual_dir!r} is not valid; it must be None or a directory path")
 
 
 @functools.cache

@@ -38,9 +38,7 @@ _DEFAULT_NORMALIZATION: tuple[Stats, Stats] = ((0.5,) * 3, (0.5,) * 3)
 
 # Datasets whose classes are not invariant to a horizontal mirror (a mirrored
 # digit is a different or invalid glyph), so no flip augmentation.
-_NO_FLIP_DATASETS = frozenset(
-    {"digits", "mnist", "emnist", "kmnist", "svhn_cropped"}
-)
+_NO_FLIP_DATASETS = frozenset({"digits", "mnist", "emnist", "kmnist", "svhn_cropped"})
 
 
 def base_name(dataset: str) -> str:
@@ -75,9 +73,7 @@ def augment_policy(dataset: str, enabled: bool) -> AugmentPolicy:
     """Returns the train augmentation policy of `dataset` (none if disabled)."""
     if not enabled:
         return AugmentPolicy(translate=False, flip=False)
-    return AugmentPolicy(
-        translate=True, flip=base_name(dataset) not in _NO_FLIP_DATASETS
-    )
+    return AugmentPolicy(translate=True, flip=base_name(dataset) not in _NO_FLIP_DATASETS)
 
 
 def to_float_rgb(image: tf.Tensor) -> tf.Tensor:
@@ -121,9 +117,7 @@ def random_translate(image: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
 
 def augment(image: tf.Tensor, seed: tf.Tensor, policy: AugmentPolicy) -> tf.Tensor:
     """Applies `policy` to a float ``[h, w, c]`` image with a stateless `seed`."""
-    translate_seed, flip_seed = tf.unstack(
-        tf.random.experimental.stateless_split(seed, num=2)
-    )
+    translate_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(seed, num=2))
     if policy.translate:
         image = random_translate(image, translate_seed)
     if policy.flip:

@@ -184,9 +184,7 @@ OPS: dict[str, Op] = {
 }
 
 
-def randaugment(
-    image: tf.Tensor, seed: tf.Tensor, num_layers: int, magnitude: float
-) -> tf.Tensor:
+def randaugment(image: tf.Tensor, seed: tf.Tensor, num_layers: int, magnitude: float) -> tf.Tensor:
     """Applies ``num_layers`` random `OPS` at ``magnitude`` to float ``[h, w, 3]`` in [0, 1]."""
     if num_layers <= 0:
         return image
@@ -200,6 +198,6 @@ def randaugment(
         index = tf.random.stateless_uniform([], op_seed, 0, len(ops), dtype=tf.int32)
         coin = tf.random.stateless_uniform([], sign_seed, 0, 2, dtype=tf.int32)
         sign = tf.cast(2 * coin - 1, tf.float32)
-        branches = [lambda op=op, x=image: op(x, level, sign) for op in ops]
+        branches = [lambda op=op, x=image, sign=sign: op(x, level, sign) for op in ops]
         image = tf.ensure_shape(tf.switch_case(index, branches), image.shape)
     return image

@@ -68,9 +68,7 @@ def create_model(name: str, *, num_classes: int, **overrides: Any) -> nn.Module:
     valid = _override_keys(module)
     for key in overrides:
         if key not in valid:
-            raise ValueError(
-                f"Unknown override {key!r} for model {name!r}; valid keys: {', '.join(valid)}"
-            )
+            raise ValueError(f"Unknown override {key!r} for model {name!r}; valid keys: {', '.join(valid)}")
     if overrides:
         module = module.clone(**overrides)
     return module
@@ -78,6 +76,6 @@ def create_model(name: str, *, num_classes: int, **overrides: Any) -> nn.Module:
 
 # Importing the model modules registers them (keep at the bottom: they import
 # `register_model` from this package).
-from skipnet_jax.models import skipnet as _skipnet  # noqa: E402,F401
-from skipnet_jax.models import mobilenet_v3 as _mobilenet_v3  # noqa: E402,F401
 from skipnet_jax.models import cifar as _cifar  # noqa: E402,F401
+from skipnet_jax.models import mobilenet_v3 as _mobilenet_v3  # noqa: E402,F401
+from skipnet_jax.models import skipnet as _skipnet  # noqa: E402,F401

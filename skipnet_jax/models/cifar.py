@@ -47,13 +47,13 @@ Array = jax.Array
 Dtype = Any
 
 __all__ = [
+    "DenseNetCifar",
     "ResNetCifar",
     "ShuffleNetV2Cifar",
-    "DenseNetCifar",
     "channel_shuffle",
+    "densenet121_cifar",
     "resnet18_cifar",
     "shufflenet_v2_x0_5",
-    "densenet121_cifar",
 ]
 
 CIFAR_BN_MOMENTUM = 0.9
@@ -229,9 +229,7 @@ class ShuffleNetV2Cifar(_Common):
         x = self._conv(self.stages_out_channels[0], 3, name="stem_conv")(x)
         x = self._bn(train, name="stem_bn")(x)  # no ReLU: the release's stem is conv + BN
         aux["stem"] = x
-        for s, (repeats, out) in enumerate(
-            zip(self.stages_repeats, self.stages_out_channels[1:-1])
-        ):
+        for s, (repeats, out) in enumerate(zip(self.stages_repeats, self.stages_out_channels[1:-1])):
             for u in range(repeats):
                 x = self._unit(x, out, 2 if u == 0 else 1, train, f"stage{s + 2}_unit{u}")
             aux[f"stage{s + 2}"] = x

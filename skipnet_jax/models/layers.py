@@ -37,19 +37,19 @@ BN_MOMENTUM = 0.9
 BN_EPSILON = 1e-5
 
 __all__ = [
-    "make_divisible",
-    "hard_sigmoid",
-    "hard_swish",
-    "get_activation",
+    "ConvBN",
+    "DepthwiseConv",
+    "InvertedResidual",
+    "SqueezeExcite",
+    "adaptive_avg_pool",
     "conv_kernel_init",
     "dense_kernel_init",
-    "torch_padding",
-    "DepthwiseConv",
-    "ConvBN",
-    "SqueezeExcite",
-    "InvertedResidual",
-    "adaptive_avg_pool",
+    "get_activation",
     "global_avg_pool",
+    "hard_sigmoid",
+    "hard_swish",
+    "make_divisible",
+    "torch_padding",
 ]
 
 
@@ -98,9 +98,7 @@ def get_activation(act: Activation) -> Callable[[Array], Array] | None:
     try:
         return _ACTIVATIONS[act]
     except KeyError:
-        raise ValueError(
-            f"Unknown activation {act!r}; valid choices: {', '.join(sorted(_ACTIVATIONS))}"
-        ) from None
+        raise ValueError(f"Unknown activation {act!r}; valid choices: {', '.join(sorted(_ACTIVATIONS))}") from None
 
 
 def conv_kernel_init(key: Array, shape: Sequence[int], dtype: Dtype = jnp.float32) -> Array:
@@ -152,13 +150,11 @@ def _adaptive_pool_axis(x: Array, axis: int, n_out: int) -> Array:
     if n_in == n_out:
         return x
     if n_in % n_out == 0:  # fast path: equal, non-overlapping bins
-        shape = x.shape[:axis] + (n_out, n_in // n_out) + x.shape[axis + 1 :]
+        shape = (*x.shape[:axis], n_out, n_in // n_out, *x.shape[axis + 1 :])
         return jnp.mean(x.reshape(shape), axis=axis + 1)
     # General case (bins of unequal size, possibly overlapping): a constant matmul.
     m = jnp.asarray(_adaptive_pool_matrix(n_in, n_out))
-    y = jnp.tensordot(
-        x.astype(jnp.float32), m, axes=((axis,), (1,)), precision=jax.lax.Precision.HIGHEST
-    )
+    y = jnp.tensordot(x.astype(jnp.float32), m, axes=((axis,), (1,)), precision=jax.lax.Precision.HIGHEST)
     return jnp.moveaxis(y, -1, axis).astype(x.dtype)
 
 
@@ -222,9 +218,7 @@ def _shifted_sum(xp: Array, kernel: Array, strides: tuple[int, int]) -> Array:
 def _tap(xp: Array, i: int, j: int, ho: int, wo: int, sh: int, sw: int) -> Array:
     """``xp[:, i + sh*h, j + sw*w, :]`` for ``h < ho``, ``w < wo``."""
     n, _, _, c = xp.shape
-    return jax.lax.slice(
-        xp, (0, i, j, 0), (n, i + (ho - 1) * sh + 1, j + (wo - 1) * sw + 1, c), (1, sh, sw, 1)
-    )
+    return jax.lax.slice(xp, (0, i, j, 0), (n, i + (ho - 1) * sh + 1, j + (wo - 1) * sw + 1, c), (1, sh, sw, 1))
 
 
 def _depthwise_kernel_grad(xp: Array, ct: Array, kh: int, kw: int, strides: tuple[int, int]) -> Array:
@@ -239,9 +233,7 @@ def _depthwise_kernel_grad(xp: Array, ct: Array, kh: int, kw: int, strides: tupl
     sh, sw = strides
     _, ho, wo, c = ct.shape
     ct32 = ct.astype(jnp.float32)
-    prods = tuple(
-        _tap(xp, i, j, ho, wo, sh, sw).astype(jnp.float32) * ct32 for i in range(kh) for j in range(kw)
-    )
+    prods = tuple(_tap(xp, i, j, ho, wo, sh, sw).astype(jnp.float32) * ct32 for i in range(kh) for j in range(kw))
     zero = jnp.zeros((), jnp.float32)
     partial = jax.lax.reduce(prods, (zero,) * len(prods), lambda a, b: tuple(u + v for u, v in zip(a, b)), (2,))
     return jnp.stack(partial).sum(axis=(1, 2)).reshape(kh, kw, 1, c)
@@ -279,7 +271,7 @@ def _depthwise_shift_bwd(strides, padding, res, ct):
     kh, kw = kernel.shape[:2]
     sh, sw = strides
     (pt, pb), (pl, pr) = padding
-    n, hp, wp, c = xp.shape
+    _n, hp, wp, _c = xp.shape
     h, w = hp - pt - pb, wp - pl - pr
     _, ho, wo, _ = ct.shape
     ct = ct.astype(xp.dtype)
@@ -471,9 +463,7 @@ class BatchNorm(nn.BatchNorm):
         ra_var = self.variable("batch_stats", "var", lambda s: jnp.ones(s, jnp.float32), (c,))
         scale = self.param("scale", self.scale_init, (c,), self.param_dtype)
         bias = self.param("bias", self.bias_init, (c,), self.param_dtype)
-        y, mean, var = _batch_norm_train(
-            x, scale.astype(jnp.float32), bias.astype(jnp.float32), float(self.epsilon)
-        )
+        y, mean, var = _batch_norm_train(x, scale.astype(jnp.float32), bias.astype(jnp.float32), float(self.epsilon))
         n = x.shape[0] * x.shape[1] * x.shape[2]
         ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
         ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * var * _bessel_factor(n)
@@ -530,8 +520,11 @@ def _conv_dot(x: Array, kernel: Array, strides: tuple[int, int], padding) -> Arr
     ho = (h + pt + pb - kh) // sh + 1
     wo = (w + pl + pr - kw) // sw + 1
     if (kh, kw) == (1, 1):
-        patches = jax.lax.slice(x, (0, pt, pl, 0), (n, pt + (ho - 1) * sh + 1, pl + (wo - 1) * sw + 1, cin),
-                                (1, sh, sw, 1)) if (sh, sw, pt, pl) != (1, 1, 0, 0) else x
+        patches = (
+            jax.lax.slice(x, (0, pt, pl, 0), (n, pt + (ho - 1) * sh + 1, pl + (wo - 1) * sw + 1, cin), (1, sh, sw, 1))
+            if (sh, sw, pt, pl) != (1, 1, 0, 0)
+            else x
+        )
     else:
         xp = jnp.pad(x, ((0, 0), (pt, pb), (pl, pr), (0, 0)))
         patches = jnp.concatenate([_tap(xp, i, j, ho, wo, sh, sw) for i in range(kh) for j in range(kw)], axis=-1)
@@ -612,8 +605,7 @@ class ConvBN(nn.Module):
         if self.depthwise:
             if self.features is not None and self.features != x.shape[-1]:
                 raise ValueError(
-                    f"depthwise ConvBN keeps the channel count: features={self.features}, "
-                    f"input channels={x.shape[-1]}"
+                    f"depthwise ConvBN keeps the channel count: features={self.features}, input channels={x.shape[-1]}"
                 )
             x = DepthwiseConv(
                 kernel_size=self.kernel_size,
@@ -727,8 +719,7 @@ class InvertedResidual(nn.Module):
             y = ConvBN(self.hidden_features, 1, act=self.act, name="expand", **common)(y, train)
         elif self.hidden_features != in_features:
             raise ValueError(
-                f"use_expand=False needs hidden_features == in channels "
-                f"({self.hidden_features} != {in_features})"
+                f"use_expand=False needs hidden_features == in channels ({self.hidden_features} != {in_features})"
             )
         y = ConvBN(
             None,

@@ -134,8 +134,7 @@ class MobileNetV3(nn.Module):
             raise ValueError(f"MobileNetV3 expects NHWC images, got shape {images.shape}")
         if self.mode not in MOBILENET_V3_CONFIGS:
             raise ValueError(
-                f"Unknown MobileNetV3 mode {self.mode!r}; valid choices: "
-                f"{', '.join(sorted(MOBILENET_V3_CONFIGS))}"
+                f"Unknown MobileNetV3 mode {self.mode!r}; valid choices: {', '.join(sorted(MOBILENET_V3_CONFIGS))}"
             )
         common = dict(
             dtype=self.dtype,
@@ -171,17 +170,13 @@ class MobileNetV3(nn.Module):
         x = global_avg_pool(x)
         aux["embedding"] = x
 
-        dense = dict(kernel_init=dense_kernel_init, bias_init=nn.initializers.zeros,
-                     param_dtype=self.param_dtype)
-        x = nn.Dense(CLASSIFIER_HIDDEN[self.mode], dtype=self.dtype, name="classifier_hidden",
-                     **dense)(x)
+        dense = dict(kernel_init=dense_kernel_init, bias_init=nn.initializers.zeros, param_dtype=self.param_dtype)
+        x = nn.Dense(CLASSIFIER_HIDDEN[self.mode], dtype=self.dtype, name="classifier_hidden", **dense)(x)
         x = hard_swish(x)
         aux["pre_logits"] = x
         x = nn.Dropout(rate=self.dropout_rate, deterministic=not train)(x)
         # The last layer runs in float32 so logits are float32 for any compute dtype.
-        logits = nn.Dense(self.num_classes, dtype=jnp.float32, name="classifier", **dense)(
-            x.astype(jnp.float32)
-        )
+        logits = nn.Dense(self.num_classes, dtype=jnp.float32, name="classifier", **dense)(x.astype(jnp.float32))
         return logits, aux
 
 

@@ -90,17 +90,17 @@ Array = jax.Array
 Dtype = Any
 
 __all__ = [
-    "STAGE_CONFIGS",
     "AUX_KEYS",
+    "STAGE_CONFIGS",
     "SkipNet",
+    "TorchKeyTarget",
+    "skipnet_l",
+    "skipnet_m",
+    "skipnet_s",
     "skipnet_widths",
     "skipnet_xs",
-    "skipnet_s",
-    "skipnet_m",
-    "skipnet_l",
-    "TorchKeyTarget",
-    "torch_key_to_flax_path",
     "torch_array_to_flax",
+    "torch_key_to_flax_path",
 ]
 
 # (kernel, expansion t, out channels before w, SE, h_swish, stride) per IR block.
@@ -153,9 +153,7 @@ AUX_KEYS = (
 def skipnet_widths(mode: str, width_multiplier: float) -> dict[str, Any]:
     """Channel widths of every SkipNet layer for a (mode, width_multiplier)."""
     if mode not in CLASSIFIER_HIDDEN:
-        raise ValueError(
-            f"Unknown SkipNet mode {mode!r}; valid choices: {', '.join(sorted(CLASSIFIER_HIDDEN))}"
-        )
+        raise ValueError(f"Unknown SkipNet mode {mode!r}; valid choices: {', '.join(sorted(CLASSIFIER_HIDDEN))}")
     w = float(width_multiplier)
     if w <= 0:
         raise ValueError(f"width_multiplier must be positive, got {w}")
@@ -250,8 +248,14 @@ class SkipNet(nn.Module):
 
         stem_c = cfg["stem"]
         x = InvertedResidual(
-            stem_c, stem_c, kernel_size=3, strides=1, use_se=False, act=hard_swish,
-            name="base_block", **ir,
+            stem_c,
+            stem_c,
+            kernel_size=3,
+            strides=1,
+            use_se=False,
+            act=hard_swish,
+            name="base_block",
+            **ir,
         )(x, train)
         base = x
         aux["base"] = base
@@ -308,17 +312,13 @@ class SkipNet(nn.Module):
         x = global_avg_pool(x)
         aux["embedding"] = x
 
-        dense = dict(kernel_init=dense_kernel_init, bias_init=nn.initializers.zeros,
-                     param_dtype=self.param_dtype)
-        x = nn.Dense(cfg["classifier_hidden"], dtype=self.dtype, name="classifier_hidden",
-                     **dense)(x)
+        dense = dict(kernel_init=dense_kernel_init, bias_init=nn.initializers.zeros, param_dtype=self.param_dtype)
+        x = nn.Dense(cfg["classifier_hidden"], dtype=self.dtype, name="classifier_hidden", **dense)(x)
         x = hard_swish(x)
         aux["pre_logits"] = x
         x = nn.Dropout(rate=self.dropout_rate, deterministic=not train)(x)
         # The last layer runs in float32 so logits are float32 for any compute dtype.
-        logits = nn.Dense(self.num_classes, dtype=jnp.float32, name="classifier", **dense)(
-            x.astype(jnp.float32)
-        )
+        logits = nn.Dense(self.num_classes, dtype=jnp.float32, name="classifier", **dense)(x.astype(jnp.float32))
         return logits, aux
 
 
@@ -393,19 +393,19 @@ def _layer_target(prefix: tuple[str, ...], kind: str, leaf: str, key: str) -> To
     if kind == "conv":
         if leaf != "weight":
             raise KeyError(f"unexpected conv entry {key!r}")
-        return TorchKeyTarget("params", prefix + ("conv", "kernel"), "conv")
+        return TorchKeyTarget("params", (*prefix, "conv", "kernel"), "conv")
     if kind == "bn":
         if leaf == "num_batches_tracked":
             return None
         if leaf not in _BN_LEAF:
             raise KeyError(f"unexpected BatchNorm entry {key!r}")
         col, name = _BN_LEAF[leaf]
-        return TorchKeyTarget(col, prefix + ("bn", name), "vector")
+        return TorchKeyTarget(col, (*prefix, "bn", name), "vector")
     if kind == "linear":
         if leaf == "weight":
-            return TorchKeyTarget("params", prefix + ("kernel",), "linear")
+            return TorchKeyTarget("params", (*prefix, "kernel"), "linear")
         if leaf == "bias":
-            return TorchKeyTarget("params", prefix + ("bias",), "vector")
+            return TorchKeyTarget("params", (*prefix, "bias"), "vector")
         raise KeyError(f"unexpected Linear entry {key!r}")
     raise AssertionError(kind)
 
@@ -434,11 +434,10 @@ def torch_key_to_flax_path(key: str) -> TorchKeyTarget | None:
         prefix = ("base_block",) if stage is None else (f"stage{int(stage) + 1}_block{int(block)}",)
         if fc is not None:
             if idx == "6" and fc in ("0", "2"):
-                return _layer_target(prefix + ("se", "fc1" if fc == "0" else "fc2"), "linear",
-                                     leaf, key)
+                return _layer_target((*prefix, "se", "fc1" if fc == "0" else "fc2"), "linear", leaf, key)
         elif idx in _IR_SEQ:
             module, kind = _IR_SEQ[idx]
-            return _layer_target(prefix + (module,), kind, leaf, key)
+            return _layer_target((*prefix, module), kind, leaf, key)
     elif m := _RE_SKIP.match(key):
         which, idx, leaf = m.groups()
         if idx in _SKIP_SEQ:

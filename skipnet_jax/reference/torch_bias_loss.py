@@ -49,8 +49,6 @@ difference is visible and testable.
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -94,10 +92,10 @@ class TorchBiasLoss(nn.Module):
         self.beta = float(beta)
         self.normalisation_mode = normalisation_mode
         self.update_before_scaling = bool(update_before_scaling)
-        self.running_min: Optional[torch.Tensor] = None  # None == +inf (nothing seen yet)
-        self.last_variance: Optional[torch.Tensor] = None
-        self.last_scaled: Optional[torch.Tensor] = None
-        self.last_weights: Optional[torch.Tensor] = None
+        self.running_min: torch.Tensor | None = None  # None == +inf (nothing seen yet)
+        self.last_variance: torch.Tensor | None = None
+        self.last_scaled: torch.Tensor | None = None
+        self.last_weights: torch.Tensor | None = None
 
     def reset(self) -> None:
         """Forget the running minimum (back to +inf)."""

@@ -28,31 +28,31 @@ w = 1 this is identical to the release.
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence, Tuple
+from collections.abc import Sequence
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
 __all__ = [
-    "make_divisible",
-    "HSigmoid",
-    "HSwish",
-    "SqueezeExcite",
-    "InvertedResidual",
-    "SkipBlock",
-    "TorchSkipNet",
     "IR_STAGES",
     "VARIANTS",
-    "randomize_",
+    "HSigmoid",
+    "HSwish",
+    "InvertedResidual",
+    "SkipBlock",
+    "SqueezeExcite",
+    "TorchSkipNet",
     "count_parameters",
+    "make_divisible",
+    "randomize_",
 ]
 
 BN_EPS = 1e-5
 BN_MOMENTUM = 0.1  # PyTorch convention (= Flax momentum 0.9)
 
 # (kernel, expansion t, out channels (unscaled), use SE, use h_swish, stride), per stage.
-IR_STAGES: Tuple[Tuple[Tuple[int, float, int, bool, bool, int], ...], ...] = (
+IR_STAGES: tuple[tuple[tuple[int, float, int, bool, bool, int], ...], ...] = (
     (
         (3, 4, 24, False, False, 2),
         (3, 3, 24, False, False, 1),
@@ -91,7 +91,7 @@ _SKIP2 = dict(t=2.3, kernel=3, out=80)  # added to stage 2's output (input of st
 _HEAD_HIDDEN = {"large": 1280, "small": 1024}
 
 
-def make_divisible(v: float, divisor: int = 8, min_value: Optional[int] = None) -> int:
+def make_divisible(v: float, divisor: int = 8, min_value: int | None = None) -> int:
     """Round ``v`` to the nearest multiple of ``divisor`` (>= min_value, never below 0.9 v)."""
     if min_value is None:
         min_value = divisor
@@ -121,9 +121,7 @@ def _bn(channels: int) -> nn.BatchNorm2d:
 
 def _conv(in_ch: int, out_ch: int, kernel: int, stride: int = 1, groups: int = 1) -> nn.Conv2d:
     # Symmetric (k - 1) // 2 zero padding on every side, for every stride (PyTorch style).
-    return nn.Conv2d(
-        in_ch, out_ch, kernel, stride=stride, padding=(kernel - 1) // 2, groups=groups, bias=False
-    )
+    return nn.Conv2d(in_ch, out_ch, kernel, stride=stride, padding=(kernel - 1) // 2, groups=groups, bias=False)
 
 
 class SqueezeExcite(nn.Module):
@@ -301,7 +299,7 @@ class TorchSkipNet(nn.Module):
                 nn.init.normal_(m.weight, 0.0, 0.01)
                 nn.init.zeros_(m.bias)
 
-    def forward_with_features(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    def forward_with_features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x = self.first_layer(x)
         base = self.base_block(x)
         x = self.blocks[0](base)
