@@ -3,10 +3,16 @@
 Every problem is reported as one `ConfigError` whose message names the key,
 the offending value and what would be valid, so the CLI can print one line and
 exit non-zero before it touches the workdir.
+
+The valid choices of a field come from the code that implements them (the
+optimiser and schedule tables in optim.py, the bias-loss modes in losses.py,
+the preprocessings, bad-image policies and RandAugment scale in data/), so
+each list exists once.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import numbers
 import os
@@ -15,15 +21,20 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import ml_collections
+import numpy as np
 
-from skipnet_jax import default_config
+from skipnet_jax import default_config, losses, optim
 
-OPTIMIZERS = ("sgd", "rmsprop", "adamw")
-SCHEDULES = ("cosine", "exponential", "step", "constant")
+OPTIMIZERS = tuple(optim.OPTIMIZERS)
+SCHEDULES = tuple(optim.SCHEDULES)
+WEIGHT_DECAY_MASKS = tuple(optim.WEIGHT_DECAY_MASKS)
+BIAS_LOSS_MODES = losses.BIAS_LOSS_MODES
 LOSSES = ("bias", "ce")
 DTYPES = ("float32", "bfloat16")
-BIAS_LOSS_MODES = ("local", "global")
 MIN_IMAGE_SIZE = 32
+# Bias-loss weights exp(alpha * v) - beta, v in [0, 1], must be positive and finite in float32.
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+MAX_BIAS_LOSS_ALPHA = math.log(FLOAT32_MAX)  # exp(alpha) overflows float32 beyond it (88.72)
 
 
 class ConfigError(ValueError):
@@ -54,9 +65,15 @@ def _get(config: ml_collections.ConfigDict, dotted: str) -> Any:
     return value
 
 
+def _retired(name: str, source: str) -> str:
+    return f"config key '{name}'{source} is not a setting: {default_config.RETIRED_KEYS[name]}"
+
+
 def _check_known_keys(config: ml_collections.ConfigDict) -> None:
     known = dict(_flat_items(default_config.get_default_config()))
     for name, _ in _flat_items(config):
+        if name in default_config.RETIRED_KEYS:
+            raise ConfigError(_retired(name, ""))
         if name not in known:
             close = [k for k in known if k.split(".")[-1] == name.split(".")[-1]]
             hint = f"; did you mean {close[0]}?" if close else ""
@@ -70,6 +87,8 @@ def describe_unknown_override(argv: Iterable[str]) -> str | None:
     for arg in argv:
         if arg.startswith("--config."):
             key = arg[len("--config.") :].split("=", 1)[0]
+            if key in default_config.RETIRED_KEYS:
+                return _retired(key, f" (from {arg})")
             if key not in known and key not in prefixes:
                 return f"config key '{key}' (from {arg}) is unknown; see skipnet_jax/default_config.py"
     return None
@@ -101,6 +120,7 @@ def validate_config(config: ml_collections.ConfigDict, *, device_count: int, mod
     _choice(config, "loss", LOSSES)
     _choice(config, "dtype", DTYPES)
     _choice(config, "bias_loss.mode", BIAS_LOSS_MODES)
+    _choice(config, "weight_decay_mask", WEIGHT_DECAY_MASKS)
     _check(config, "dataset", lambda v: isinstance(v, str) and v.strip() != "", "a non-empty dataset name")
     _check(config, "data_dir", lambda v: v is None or (isinstance(v, str) and v != ""), "None or a directory path")
 
@@ -157,21 +177,11 @@ def validate_config(config: ml_collections.ConfigDict, *, device_count: int, mod
         )
     _check(config, "nesterov", lambda v: isinstance(v, bool), "True or False")
 
-    _check(config, "bias_loss.alpha", lambda v: _is_number(v) and v > 0, "a positive number")
-    # Weights z(v) >= z(0) = 1 - beta must stay positive or samples would be pushed away from their labels.
-    _check(
-        config,
-        "bias_loss.beta",
-        lambda v: _is_number(v) and v < 1,
-        "a number < 1 so every weight exp(alpha*v) - beta stays positive",
-    )
+    _check_bias_loss(config)
 
     for key in ("log_every_steps", "checkpoint_every_steps", "keep_checkpoints"):
         _check(config, key, positive_int, "a positive integer")
     _check(config, "eval_every_steps", lambda v: _is_int(v) and v >= 0, "an integer >= 0 (0: only at the end)")
-    _check(config, "data.prefetch", lambda v: _is_int(v) and v >= 0, "an integer >= 0")
-    _check(config, "data.num_threads", lambda v: _is_int(v) and v >= 0, "an integer >= 0 (0: automatic)")
-    _check(config, "data.shuffle_buffer", positive_int, "a positive integer")
     _check(config, "skip_nonfinite_steps", lambda v: isinstance(v, bool), "True or False")
     _check(
         config,
@@ -179,7 +189,60 @@ def validate_config(config: ml_collections.ConfigDict, *, device_count: int, mod
         lambda v: v is None or (isinstance(v, str) and os.path.isdir(v)),
         "None or an existing directory written by skipnet_jax.convert",
     )
-    for key in ("data.augment", "data.cache"):
+    validate_data_config(config)
+
+
+def _check_bias_loss(config: ml_collections.ConfigDict) -> None:
+    """alpha and beta such that every weight z(v) = exp(alpha*v) - beta, v in [0, 1], is positive
+    and finite in float32: with alpha > 0, z runs from 1 - beta (v = 0) to exp(alpha) - beta
+    (v = 1), so alpha < ln(float32 max) and exp(alpha) - float32 max < beta < 1."""
+    _check(
+        config,
+        "bias_loss.alpha",
+        lambda v: _is_number(v) and 0 < v < MAX_BIAS_LOSS_ALPHA,
+        f"a number in (0, {MAX_BIAS_LOSS_ALPHA:.4g}) so every weight exp(alpha*v) - beta, v in [0, 1], "
+        "is finite in float32 (alpha = 0 weights all samples alike: use loss='ce')",
+    )
+    lowest = math.exp(config.bias_loss.alpha) - FLOAT32_MAX
+    _check(
+        config,
+        "bias_loss.beta",
+        lambda v: _is_number(v) and lowest < v < 1,
+        f"a number in ({lowest:.4g}, 1) so every weight exp(alpha*v) - beta, v in [0, 1], is positive "
+        f"and finite in float32 (alpha={config.bias_loss.alpha})",
+    )
+
+
+def validate_data_config(config: ml_collections.ConfigDict) -> None:
+    """Raises ConfigError for the first invalid ``config.data`` field (the input pipeline runs
+    this too, for callers that skip `validate_config`)."""
+    # Imported here: the pipeline imports this module, and it needs TensorFlow, which the model
+    # and training code (and so this module) must not.
+    from skipnet_jax.data import pipeline, randaugment
+
+    _choice(config, "data.preprocessing", pipeline.PREPROCESSINGS)
+    _choice(config, "data.bad_images", pipeline.BAD_IMAGE_POLICIES)
+    _check(
+        config,
+        "data.randaugment_num_layers",
+        lambda v: _is_int(v) and v >= 0,
+        "an integer >= 0 (0 disables RandAugment)",
+    )
+    _check(
+        config,
+        "data.randaugment_magnitude",
+        lambda v: _is_number(v) and 0 <= v <= randaugment.MAX_LEVEL,
+        f"a number in [0, {randaugment.MAX_LEVEL:g}]",
+    )
+    _check(
+        config,
+        "data.manual_dir",
+        lambda v: v is None or (isinstance(v, str) and v != ""),
+        "None or a directory path",
+    )
+    _check(config, "data.prefetch", lambda v: _is_int(v) and v >= 0, "an integer >= 0")
+    _check(config, "data.num_threads", lambda v: _is_int(v) and v >= 0, "an integer >= 0 (0: automatic)")
+    for key in ("data.augment", "data.cache", "data.drop_remainder"):
         _check(config, key, lambda v: isinstance(v, bool), "True or False")
     for key in ("data.mean", "data.std"):
         _check(
@@ -225,14 +288,27 @@ def check_workdir_writable(workdir: str) -> None:
         raise ConfigError(f"--workdir={workdir!r} is not writable ({probe!r} denies write access)")
 
 
-def config_differences(saved: dict, wanted: dict, prefix: str = "") -> list[str]:
+def config_differences(saved: dict, wanted: dict) -> list[str]:
     """Every key whose value differs between two config dicts (as read from config.json),
-    as ``key: saved vs wanted``, in key order."""
+    as ``key: saved vs wanted``, in key order.  A schema field missing from either side counts
+    as its schema default (a config.json written before the field existed), and
+    `default_config.RETIRED_KEYS` are not compared."""
+    return _differences(_with_schema_defaults(saved), _with_schema_defaults(wanted), "")
+
+
+def _with_schema_defaults(values: dict) -> dict:
+    filled = default_config.with_defaults(ml_collections.ConfigDict(values))
+    return json.loads(filled.to_json_best_effort())  # tuples as lists, as in config.json
+
+
+def _differences(saved: dict, wanted: dict, prefix: str) -> list[str]:
     found = []
     for key in sorted(set(saved) | set(wanted)):
+        if f"{prefix}{key}" in default_config.RETIRED_KEYS:
+            continue
         a, b = saved.get(key), wanted.get(key)
         if isinstance(a, dict) and isinstance(b, dict):
-            found += config_differences(a, b, f"{prefix}{key}.")
+            found += _differences(a, b, f"{prefix}{key}.")
         elif a != b:
             found.append(f"{prefix}{key}: {a!r} vs {b!r}")
     return found

@@ -1,11 +1,21 @@
 """Every configuration field, its default and what it means.
 
 Config files under `configs/` start from `get_default_config()` and override a
-few fields, so a field is defined (and documented) in exactly one place.
+few fields, so a field is defined (and documented) in exactly one place; code
+reads every field directly (no second default elsewhere), and a config that
+lacks fields gets them from here through `with_defaults`.
 Config files are trusted Python: loading one runs it.
 """
 
 import ml_collections
+
+# Keys that a config.json written by an earlier version may hold and that this schema does not
+# define, with what replaces them. Readers of saved configs skip these (with a log line) instead
+# of refusing the file; a --config override or config file that sets one is still an error.
+RETIRED_KEYS = {
+    "data.shuffle_buffer": "the input pipeline reads examples by index in a per-epoch permutation "
+    "(a perfect shuffle), so there is no shuffle buffer",
+}
 
 
 def get_default_config() -> ml_collections.ConfigDict:
@@ -34,8 +44,12 @@ def get_default_config() -> ml_collections.ConfigDict:
     # train-split augmentation: "simple" = pad-and-crop shift (+ flip), "inception" = random-resized
     # crop + flip (see preprocessing below); False also disables RandAugment
     c.data.augment = True
-    # accepted but ignored: every pipeline reads examples by index in a per-epoch permutation
-    c.data.shuffle_buffer = 10_000
+    # True: each epoch of the train stream is the first floor(N / batch_size) whole batches of that
+    # epoch's permutation and the N mod batch_size examples left over are skipped (PyTorch's
+    # drop_last=True, as in the bias-loss release), so an epoch is floor(N / batch_size) steps.
+    # False: the stream runs on across epoch boundaries, every example is used once an epoch, and
+    # an epoch is ceil(N / batch_size) steps (the last batch ends in the next epoch's examples).
+    c.data.drop_remainder = False
     # keep decoded examples in memory (small fixed-shape datasets only); ignored (always read
     # lazily) for image folders and variable-size datasets such as imagenet2012
     c.data.cache = True
@@ -76,7 +90,11 @@ def get_default_config() -> ml_collections.ConfigDict:
     c.adam_b1 = 0.9  # adamw first-moment decay
     c.adam_b2 = 0.999  # adamw second-moment decay
     c.adam_eps = 1e-8  # adamw epsilon
-    c.weight_decay = 4e-5  # on conv/dense kernels only, never on BatchNorm or biases
+    c.weight_decay = 4e-5  # L2 decay strength on the parameters weight_decay_mask selects
+    # "kernels": conv and dense kernels only, never BatchNorm scales/offsets or biases (the usual
+    # choice for BatchNorm networks). "all": every parameter, as PyTorch's SGD weight_decay and
+    # the bias-loss release do.
+    c.weight_decay_mask = "kernels"
     c.grad_clip_norm = 0.0  # global-norm clipping; 0 disables
     c.label_smoothing = 0.0  # mass moved uniformly onto all classes in the targets; 0 disables
     c.ema_decay = 0.0  # EMA of weights (and BN statistics); eval uses it when > 0
@@ -91,9 +109,14 @@ def get_default_config() -> ml_collections.ConfigDict:
 
     # --- Loss ------------------------------------------------------------------
     c.loss = "bias"  # "bias" (the paper's bias loss) | "ce" (plain cross-entropy)
+    # Sample weights z(v) = exp(alpha * v) - beta for the normalised variance v in [0, 1]; with
+    # alpha > 0, z rises from z(0) = 1 - beta to z(1) = exp(alpha) - beta. Every weight must be
+    # positive and finite in float32 (largest value F = 3.4e38), so alpha is in (0, ln F = 88.72)
+    # and beta in (exp(alpha) - F, 1). alpha = 0 would weight every sample alike: a scaled
+    # loss="ce".
     c.bias_loss = ml_collections.ConfigDict()  # used when loss == "bias"
-    c.bias_loss.alpha = 0.3  # z(v) = exp(alpha * v) - beta
-    c.bias_loss.beta = 0.3  # weights range from 1 - beta (v = 0) to exp(alpha) - beta (v = 1)
+    c.bias_loss.alpha = 0.3  # the paper's 0.3: how strongly the weight grows with v
+    c.bias_loss.beta = 0.3  # the paper's 0.3: weights run from 0.7 (v = 0) to 1.0499 (v = 1)
     c.bias_loss.mode = "local"  # "local" (batch min-max) | "global" (release: running minimum)
 
     # --- Loop ------------------------------------------------------------------
@@ -106,3 +129,21 @@ def get_default_config() -> ml_collections.ConfigDict:
     c.init_from = ml_collections.config_dict.placeholder(str)
     c.keep_checkpoints = 3  # how many recent checkpoints orbax keeps
     return c
+
+
+def with_defaults(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """A copy of `config` (references resolved) with every schema field it lacks taken from
+    `get_default_config()`; fields the schema does not define are kept as they are.
+
+    For configs that were not built from the schema (assembled by hand, or read from a run of
+    an earlier version that had fewer fields), so that code can read every field directly.
+    """
+
+    def merge(defaults: dict, values: dict) -> dict:
+        merged = dict(defaults)
+        for key, value in values.items():
+            both_dicts = isinstance(value, dict) and isinstance(defaults.get(key), dict)
+            merged[key] = merge(defaults[key], value) if both_dicts else value
+        return merged
+
+    return ml_collections.ConfigDict(merge(get_default_config().to_dict(), config.to_dict()))

@@ -15,6 +15,9 @@ ImageNet (`imagenet_config`, configs/imagenet_*.py): a MobileNetV3/EfficientNet-
 * 5 warmup epochs, then x0.97 every 2.4 epochs, 350 epochs.
 * Weight EMA 0.9999 (eval uses the EMA weights), label smoothing 0.1,
   dropout 0.2, L2 weight decay 1e-5 on conv/dense kernels, bfloat16 compute.
+* A checkpoint every 2 epochs and an evaluation every 10 epochs, as step
+  counts that are lazy references too: a batch override keeps them at 2 and
+  10 epochs (1,252 and 6,260 steps at batch 2048).
 
 Data: TFDS ``imagenet2012`` (1,281,167 train / 50,000 validation).  TFDS
 prepares it on the first single-process run from ILSVRC2012_img_train.tar and
@@ -24,18 +27,32 @@ ILSVRC2012_img_val.tar in ``--config.data.manual_dir`` (default
 folder (train/<class>/*.jpg, val/<class>/*.jpg) instead, with no preparation.
 
 CIFAR-100 (`cifar100_config`, configs/cifar100_*.py): the bias-loss release recipe, SGD
-momentum 0.9, weight decay 1e-4, lr 0.1 for batch 128, 160 epochs, lr x0.1 at epochs 80
-and 122, no dropout, no warmup, bias loss in the release's "global" normalisation; TFDS
-"cifar100" with 4 px pad + random crop + flip and the release's mean/std.  The config
-docstrings explain the epoch-to-step rounding and the other known differences.
+momentum 0.9, weight decay 1e-4 on every parameter, lr 0.1 for batch 128, 160 epochs, lr
+x0.1 at epochs 80 and 122, no dropout, no warmup, bias loss in the release's "global"
+normalisation; TFDS "cifar100" with 4 px pad + random crop + flip and the release's
+mean/std.  Each epoch drops its incomplete last batch, as the release's DataLoader does:
+390 steps an epoch, 62,400 in all, the lr drops at steps 31,200 and 47,580.  An evaluation
+every 10 epochs and a checkpoint every 5, following batch-size overrides.
+``--config.weight_decay_mask=kernels`` (no decay on BatchNorm and biases) and
+``--config.data.drop_remainder=False`` (every example every epoch, 391 steps an epoch) are
+the common modern variants.
 """
 
 import ml_collections
 
 from skipnet_jax.default_config import get_default_config
+from skipnet_jax.optim import steps_per_epoch
 
 BASE_LEARNING_RATE = 0.016  # per 256 images of global batch
-NUM_TRAIN_EXAMPLES = 1_281_167
+NUM_TRAIN_EXAMPLES = 1_281_167  # imagenet2012 train split
+CIFAR100_TRAIN_EXAMPLES = 50_000
+
+
+def _lazy_steps_per_epoch(config: ml_collections.ConfigDict, num_examples: int):
+    """Steps per epoch as a FieldReference on `batch_size` and `data.drop_remainder`: step
+    counts built from it follow `--config.batch_size=...` and `--config.data.drop_remainder=...`
+    overrides (an explicit override of such a step count replaces it)."""
+    return steps_per_epoch(num_examples, config.get_ref("batch_size"), config.data.get_ref("drop_remainder"))
 
 
 def imagenet_config(model: str, *, batch_size: int = 2048) -> ml_collections.ConfigDict:
@@ -71,10 +88,10 @@ def imagenet_config(model: str, *, batch_size: int = 2048) -> ml_collections.Con
     config.lr_decay_epochs = 2.4
     config.warmup_epochs = 5.0
 
-    steps_per_epoch = -(-NUM_TRAIN_EXAMPLES // batch_size)
+    epoch = _lazy_steps_per_epoch(config, NUM_TRAIN_EXAMPLES)
     config.log_every_steps = 100
-    config.checkpoint_every_steps = 2 * steps_per_epoch
-    config.eval_every_steps = 10 * steps_per_epoch
+    config.checkpoint_every_steps = 2 * epoch
+    config.eval_every_steps = 10 * epoch
     config.keep_checkpoints = 3
     return config
 
@@ -91,6 +108,7 @@ def cifar100_config(model: str) -> ml_collections.ConfigDict:
     config.data.augment = True  # pad-4 random crop + horizontal flip
     config.data.mean = (0.507, 0.4865, 0.4409)
     config.data.std = (0.2673, 0.2564, 0.2761)
+    config.data.drop_remainder = True  # the release's DataLoader: drop_last, 390 steps an epoch
 
     config.num_epochs = 160.0
     config.optimizer = "sgd"
@@ -98,6 +116,7 @@ def cifar100_config(model: str) -> ml_collections.ConfigDict:
     config.momentum = 0.9
     config.nesterov = False
     config.weight_decay = 1e-4
+    config.weight_decay_mask = "all"  # the release: PyTorch SGD weight_decay on every parameter
     config.label_smoothing = 0.0
     config.schedule = "step"
     config.warmup_epochs = 0.0
@@ -109,7 +128,8 @@ def cifar100_config(model: str) -> ml_collections.ConfigDict:
     config.bias_loss.alpha = 0.3
     config.bias_loss.beta = 0.3
 
+    epoch = _lazy_steps_per_epoch(config, CIFAR100_TRAIN_EXAMPLES)
     config.log_every_steps = 100
-    config.eval_every_steps = 3910  # every 10 epochs (391 steps each)
-    config.checkpoint_every_steps = 1955  # every 5 epochs
+    config.eval_every_steps = 10 * epoch  # 3,900 steps at batch 128
+    config.checkpoint_every_steps = 5 * epoch  # 1,950 steps at batch 128
     return config

@@ -5,6 +5,7 @@ traceback, and nothing created or changed in an existing workdir.
 """
 
 import os
+import sys
 
 import pytest
 from absl import flags
@@ -51,6 +52,12 @@ INVALID = [
     ("dtype=float16", "dtype"), ("init_from=/nonexistent/converted", "init_from"),
     ("skip_nonfinite_steps=perhaps", "skip_nonfinite_steps"),
     ("foo=1", "foo"), ("bias_loss.gamma=1", "bias_loss.gamma"), ("data.size=3", "data.size"),
+    ("bias_loss.beta=-1e308", "bias_loss.beta"), ("bias_loss.alpha=1e308", "bias_loss.alpha"),
+    ("bias_loss.alpha=89", "bias_loss.alpha"),
+    ("weight_decay_mask=biases", "weight_decay_mask"), ("data.drop_remainder=maybe", "data.drop_remainder"),
+    ("data.preprocessing=fancy", "data.preprocessing"), ("data.bad_images=sometimes", "data.bad_images"),
+    ("data.randaugment_num_layers=-1", "data.randaugment_num_layers"),
+    ("data.randaugment_magnitude=11", "data.randaugment_magnitude"), ("data.manual_dir=", "data.manual_dir"),
 ]  # fmt: skip
 
 
@@ -74,17 +81,21 @@ def test_invalid_override(override, key, workdir, capsys, monkeypatch):
     monkeypatch.chdir(REPO_ROOT)
     monkeypatch.setattr(train, "train_and_evaluate", lambda *a: pytest.fail(f"--config.{override} was accepted"))
     before = _snapshot(workdir)
+    argv = ["main", "--config=configs/digits.py", f"--workdir={workdir}", f"--config.{override}"]
+    # config_flags reads the --config.KEY overrides from sys.argv and defines one flag per KEY
+    # when it parses --config; a previous case's override flags are removed first.
+    monkeypatch.setattr(sys, "argv", argv)
     flags.FLAGS.unparse_flags()
+    for name in [name for name in flags.FLAGS if name.startswith("config.")]:
+        delattr(flags.FLAGS, name)
     with pytest.raises(SystemExit) as exit_info:
-        argv = cli.parse_absl_flags(
-            ["main", "--config=configs/digits.py", f"--workdir={workdir}", f"--config.{override}"]
-        )
-        main_cli.main(argv)
+        main_cli.main(cli.parse_absl_flags(argv))
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert "Traceback" not in err
     lines = [line for line in err.splitlines() if line.startswith("error:")]
     assert len(lines) == 1, err
     assert key in lines[0], lines[0]
+    assert "Unknown command line flag" not in lines[0], "the override was never applied"
     assert _snapshot(workdir) == before
     assert os.path.exists(workdir / "results.json")

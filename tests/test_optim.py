@@ -102,3 +102,49 @@ def test_rmsprop_is_tensorflow_style():
     updates, _ = tx.update(jnp.full(1, g), tx.init(params), params)
     expected = -lr * g / math.sqrt(0.9 + 0.1 * g * g + eps)
     np.testing.assert_allclose(np.asarray(updates), [expected], rtol=1e-6)
+
+
+def test_drop_remainder_makes_an_epoch_the_whole_batches_only():
+    config = _config(batch_size=64, num_epochs=2.0)
+    config.data.drop_remainder = True
+    assert optim.steps_for(config, 1437) == (22, 44)  # floor(1437 / 64) = 22
+    config.batch_size = 2048
+    with pytest.raises(ValueError, match=r"config\.data\.drop_remainder=True .*1437 .*batch_size=2048"):
+        optim.steps_for(config, 1437)
+
+
+def test_steps_per_epoch_follows_lazy_references():
+    config = _config(batch_size=128)
+    steps = optim.steps_per_epoch(50_000, config.get_ref("batch_size"), config.data.get_ref("drop_remainder"))
+    assert steps.get() == 391
+    config.data.drop_remainder = True
+    assert steps.get() == 390
+    config.batch_size = 100
+    assert steps.get() == 500
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "exponential", "step", "constant"])
+def test_every_valid_schedule_builds(schedule):
+    from skipnet_jax import config_validation
+
+    assert schedule in config_validation.SCHEDULES
+    fn = optim.create_learning_rate_fn(_config(schedule=schedule, warmup_epochs=1.0), 10, 200)
+    assert float(fn(10)) == pytest.approx(0.1)
+
+
+def test_valid_choices_are_the_implemented_ones():
+    from skipnet_jax import config_validation, losses
+
+    assert config_validation.SCHEDULES == tuple(optim.SCHEDULES)
+    assert config_validation.OPTIMIZERS == tuple(optim.OPTIMIZERS) == ("sgd", "rmsprop", "adamw")
+    assert config_validation.WEIGHT_DECAY_MASKS == tuple(optim.WEIGHT_DECAY_MASKS) == ("kernels", "all")
+    assert config_validation.BIAS_LOSS_MODES == losses.BIAS_LOSS_MODES
+
+
+@pytest.mark.parametrize("name", ["sgd", "rmsprop", "adamw"])
+def test_weight_decay_mask_all_decays_every_parameter(name):
+    params = {"dense": {"kernel": jnp.ones((2, 2)), "bias": jnp.ones(2)}, "bn": {"scale": jnp.ones(2)}}
+    zero_grads = jax.tree.map(jnp.zeros_like, params)
+    tx = optim.create_optimizer(_config(optimizer=name, weight_decay=0.1, weight_decay_mask="all"), lambda step: 1.0)
+    updates, _ = tx.update(zero_grads, tx.init(params), params)
+    assert all(float(jnp.abs(u).min()) > 0 for u in jax.tree.leaves(updates))

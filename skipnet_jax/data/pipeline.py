@@ -10,7 +10,11 @@ Train stream contract (exact resume and multi-host equivalence rely on it):
 
 * One GLOBAL example stream.  Epoch ``e`` visits the train split in the order
   of a permutation drawn from ``(seed, e)`` alone; stream position
-  ``p = e * N + offset`` names the example ``perm_e[offset]``.
+  ``p = e * L + offset`` names the example ``perm_e[offset]``, where the epoch
+  length ``L`` is ``N`` (every example; batches run on across epoch
+  boundaries) or, with ``config.data.drop_remainder``, ``floor(N/B) * B``
+  (whole batches only; the last ``N mod B`` examples of each permutation are
+  skipped, like PyTorch's ``drop_last``).
 * Global batch ``g`` is positions ``[g*B, (g+1)*B)`` (``B = batch_size``).
   Process ``k`` of ``P`` yields rows ``[k*b, (k+1)*b)`` of it (``b = B/P``),
   so concatenating the processes' batches gives the one-process batch.
@@ -26,7 +30,12 @@ random access (``as_data_source``; needs an ``array_record``/``parquet``
 preparation; "inception" datasets are read still encoded), or from an image
 folder's file list.  Variable-size datasets and folders are never cached.
 A full per-epoch permutation is a perfect shuffle, so no shuffle buffer is
-used and ``config.data.shuffle_buffer`` is accepted but ignored.
+used.
+
+Every public function reads the config's fields directly; a config that
+lacks some (built by hand, not from the schema) gets them from
+`default_config.with_defaults`, and the ``config.data`` fields are validated
+by `config_validation.validate_data_config`.
 
 Datasets: the bundled ``digits``; any TFDS image-classification dataset
 (``cifar10``, ``mnist``, ...); ``imagenet2012`` (prepared by TFDS from the
@@ -74,6 +83,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from absl import logging
 
+from skipnet_jax import config_validation, default_config
 from skipnet_jax.data import digits as _digits  # noqa: F401 (registers "digits")
 from skipnet_jax.data import folder, inception, preprocess, randaugment
 
@@ -96,8 +106,10 @@ _MANUAL_FILES = {
 }
 # "auto" preprocessing: images at most this many px a side use "simple".
 _SMALL_IMAGE_SIDE = 64
+# config.data.preprocessing: the choices `_open_source` and `eval_preprocessing` implement.
 PREPROCESSINGS = ("auto", "simple", "inception")
-# config.data.bad_images: what an unreadable image file of an image folder does.
+# config.data.bad_images: what an unreadable image file of an image folder does ("error":
+# `get_dataset_info` refuses empty class dirs, the training loop stops at the first bad file).
 BAD_IMAGE_POLICIES = ("skip", "error")
 # "skip": a train example whose file cannot be decoded takes the next file of the
 # split (index + 1, ...); more than this many unreadable files in a row is an error.
@@ -130,18 +142,30 @@ class DatasetInfo:
 def get_dataset_info(config) -> DatasetInfo:
     """Returns class and split facts of ``config.dataset`` (prepares it if it can).
 
-    Also validates the ``config.data`` fields this module reads.  In a
-    multi-process run only process 0 prepares an auto-prepared dataset
-    (``digits``); the others wait for it at a barrier, so all processes must
-    call this (the training loop does, first thing).
+    Also validates the ``config.data`` fields, and that ``data.drop_remainder``
+    leaves at least one whole train batch.  In a multi-process run only
+    process 0 prepares an auto-prepared dataset (``digits``); the others wait
+    for it at a barrier, so all processes must call this (the training loop
+    does, first thing).
     """
-    _check_data_config(config)
+    config = _complete(config)
+    info = _dataset_info(config)
+    if config.data.drop_remainder and info.num_train_examples < config.batch_size:
+        raise config_validation.ConfigError(
+            f"config.data.drop_remainder=True drops every train batch: split {info.train_split!r} has "
+            f"{info.num_train_examples} examples, fewer than batch_size={config.batch_size}; set a smaller "
+            "batch_size or data.drop_remainder=False"
+        )
+    return info
+
+
+def _dataset_info(config) -> DatasetInfo:
     if _is_folder(config):
         train = folder.load_split(config.dataset, config.data.train_split)
         evals = folder.load_split(config.dataset, config.data.eval_split)
         class_names = folder.class_names(config.dataset)
         empty = train.empty_class_dirs
-        if empty and config.data.get("bad_images", "skip") == "error":
+        if empty and config.data.bad_images == "error":
             raise ValueError(
                 f"image folder class directory {empty[0]!r} has no"
                 f" {'/'.join(folder.IMAGE_EXTENSIONS)} files ({len(empty)} empty in"
@@ -175,6 +199,7 @@ def get_dataset_info(config) -> DatasetInfo:
 
 def num_eval_batches(config) -> int:
     """``ceil(N_eval / eval_batch_size)``: the same on every process."""
+    config = _complete(config)
     if _is_folder(config):
         num = len(folder.load_split(config.dataset, config.data.eval_split).paths)
     else:
@@ -192,12 +217,13 @@ def create_train_iterator(
     """
     if start_step < 0:
         raise ValueError(f"start_step must be >= 0, got {start_step}")
+    config = _complete(config)
     local_batch = _local_batch_size("batch_size", config.batch_size, process_index, process_count)
     source = _open_source(config, config.data.train_split)
     augment = config.data.augment
     policy = preprocess.augment_policy(_flip_name(config), augment)
-    num_layers = config.data.get("randaugment_num_layers", 0) if augment else 0
-    magnitude = config.data.get("randaugment_magnitude", 0.0)
+    num_layers = config.data.randaugment_num_layers if augment else 0
+    magnitude = config.data.randaugment_magnitude
     mean, std = _normalization(config, source.preprocessing)
     size = config.image_size
 
@@ -230,7 +256,9 @@ def create_train_iterator(
         )
         return {**example, INDEX_KEY: element["index"]}
 
-    stream = _train_stream(source.num_examples, config.batch_size, start_step, config.seed)
+    stream = _train_stream(
+        source.num_examples, config.batch_size, start_step, config.seed, drop_remainder=config.data.drop_remainder
+    )
     stream = _process_rows(stream, config.batch_size, local_batch, process_index, process_count)
     return _finish(stream.map(load, **_PARALLEL), local_batch, config)
 
@@ -243,6 +271,7 @@ def create_eval_iterator(config, *, process_index: int = 0, process_count: int =
     ``mask`` is 1.0 for real examples and 0.0 for padding (zero image,
     label 0), so every example counts exactly once across all processes.
     """
+    config = _complete(config)
     local_batch = _local_batch_size("eval_batch_size", config.eval_batch_size, process_index, process_count)
     source = _open_source(config, config.data.eval_split)
     mean, std = _normalization(config, source.preprocessing)
@@ -328,26 +357,33 @@ def pop_bad_files(batch: Batch, config, split: str) -> list[tuple[str, ...]]:
 # Index streams.
 
 
-def _train_stream(num_examples: int, global_batch: int, start_step: int, seed: int) -> tf.data.Dataset:
-    """Index elements ``{epoch, offset, index}`` from position ``start_step*B``.
+def _train_stream(
+    num_examples: int, global_batch: int, start_step: int, seed: int, *, drop_remainder: bool = False
+) -> tf.data.Dataset:
+    """Index elements ``{epoch, offset, index, position}`` from position ``start_step*B``.
 
     Each epoch's permutation depends only on ``(seed, epoch)``; the first
     epoch is sliced at the start offset, so nothing before it is generated.
+    An epoch is the permutation's first ``epoch_length`` entries: all
+    ``num_examples``, or with `drop_remainder` the whole global batches only.
     """
+    epoch_length = (num_examples // global_batch) * global_batch if drop_remainder else num_examples
+    if epoch_length < 1:
+        raise ValueError(f"no whole batch of {global_batch} in {num_examples} train examples (drop_remainder)")
     start = start_step * global_batch
-    first_epoch = start // num_examples
+    first_epoch = start // epoch_length
     shuffle_seed = tf.constant([seed, _SHUFFLE_SALT], tf.int64)
 
     def epoch_elements(epoch: tf.Tensor) -> tf.data.Dataset:
         epoch_seed = tf.random.experimental.stateless_fold_in(shuffle_seed, epoch)
         permutation = tf.random.experimental.stateless_shuffle(tf.range(num_examples, dtype=tf.int64), seed=epoch_seed)
-        begin = tf.maximum(start - epoch * num_examples, 0)
-        offsets = tf.range(begin, num_examples, dtype=tf.int64)
+        begin = tf.maximum(start - epoch * epoch_length, 0)
+        offsets = tf.range(begin, epoch_length, dtype=tf.int64)
         return tf.data.Dataset.from_tensor_slices(
             {
                 "epoch": tf.fill(tf.shape(offsets), epoch),
                 "offset": offsets,
-                "index": permutation[begin:],
+                "index": permutation[begin:epoch_length],
             }
         )
 
@@ -355,7 +391,7 @@ def _train_stream(num_examples: int, global_batch: int, start_step: int, seed: i
     elements = epochs.flat_map(epoch_elements)
 
     def with_position(element: Example) -> Example:
-        position = element["epoch"] * num_examples + element["offset"]
+        position = element["epoch"] * epoch_length + element["offset"]
         return {**element, "position": position}
 
     return elements.map(with_position)
@@ -450,6 +486,13 @@ class _Source:
     may_fail: bool = False
 
 
+def _complete(config):
+    """`config` with the schema's value for every field it lacks; ``config.data`` validated."""
+    config = default_config.with_defaults(config)
+    config_validation.validate_data_config(config)
+    return config
+
+
 def _is_folder(config) -> bool:
     return folder.looks_like_path(config.dataset)
 
@@ -461,7 +504,7 @@ def _flip_name(config) -> str:
 
 def _open_source(config, split: str) -> _Source:
     """The split of ``config.dataset`` as a `_Source` (folder or TFDS)."""
-    mode = config.data.get("preprocessing", "auto")
+    mode = config.data.preprocessing
     if _is_folder(config):
         return _folder_source(config.dataset, split, "inception" if mode == "auto" else mode)
     builder = _builder(config)
@@ -488,8 +531,8 @@ def eval_preprocessing(config) -> tuple[str, preprocess.Stats, preprocess.Stats]
     For code that preprocesses single images the way evaluation does (predict,
     export checks).  Reads dataset metadata only: the data need not be prepared.
     """
-    _check_data_config(config)
-    mode = config.data.get("preprocessing", "auto")
+    config = _complete(config)
+    mode = config.data.preprocessing
     if mode == "auto":
         if _is_folder(config):
             mode = "inception"
@@ -574,7 +617,7 @@ def _builder(config) -> tfds.core.DatasetBuilder:
 def _prepare_from_manual_dir(
     config, builder: tfds.core.DatasetBuilder, files: tuple[str, ...]
 ) -> tfds.core.DatasetBuilder:
-    manual_dir = config.data.get("manual_dir") or os.fspath(builder.data_dir_root / "downloads" / "manual")
+    manual_dir = config.data.manual_dir or os.fspath(builder.data_dir_root / "downloads" / "manual")
     missing = [f for f in files if not tf.io.gfile.exists(os.path.join(manual_dir, f))]
     if missing:
         raise DataNotFoundError(
@@ -743,41 +786,7 @@ def _normalization(config, preprocessing: str = "simple") -> tuple[preprocess.St
         default_mean, default_std = IMAGENET_MEAN, IMAGENET_STD
     mean = tuple(config.data.mean) if config.data.mean is not None else default_mean
     std = tuple(config.data.std) if config.data.std is not None else default_std
-    if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
-        raise ValueError(f"config.data.mean/std must be 3 floats (std > 0), got {mean} / {std}")
     return mean, std
-
-
-def _check_data_config(config) -> None:
-    """Validates the ``config.data`` fields added for ImageNet-style input."""
-    data = config.data
-    mode = data.get("preprocessing", "auto")
-    if mode not in PREPROCESSINGS:
-        raise ValueError(f"config.data.preprocessing={mode!r} is not valid; valid choices: {', '.join(PREPROCESSINGS)}")
-    layers = data.get("randaugment_num_layers", 0)
-    if isinstance(layers, bool) or not isinstance(layers, int) or layers < 0:
-        raise ValueError(
-            f"config.data.randaugment_num_layers={layers!r} is not valid; it must"
-            " be an integer >= 0 (0 disables RandAugment)"
-        )
-    magnitude = data.get("randaugment_magnitude", 0.0)
-    if (
-        isinstance(magnitude, bool)
-        or not isinstance(magnitude, (int, float))
-        or not (0 <= magnitude <= randaugment.MAX_LEVEL)
-    ):
-        raise ValueError(
-            f"config.data.randaugment_magnitude={magnitude!r} is not valid; it"
-            f" must be a number in [0, {randaugment.MAX_LEVEL:g}]"
-        )
-    policy = data.get("bad_images", "skip")
-    if policy not in BAD_IMAGE_POLICIES:
-        raise ValueError(
-            f"config.data.bad_images={policy!r} is not valid; valid choices: {', '.join(BAD_IMAGE_POLICIES)}"
-        )
-    manual_dir = data.get("manual_dir")
-    if manual_dir is not None and (not isinstance(manual_dir, str) or not manual_dir):
-        raise ValueError(f"config.data.manual_dir={manual_dir!r} is not valid; it must be None or a directory path")
 
 
 @functools.cache

@@ -82,7 +82,6 @@ class _Common(nn.Module):
     param_dtype: Dtype = jnp.float32
     bn_momentum: float = CIFAR_BN_MOMENTUM
     bn_epsilon: float = CIFAR_BN_EPSILON
-    bn_axis_name: str | None = None
 
     def _conv(self, features: int, kernel: int, strides: int = 1, name: str | None = None):
         return nn.Conv(
@@ -104,7 +103,6 @@ class _Common(nn.Module):
             epsilon=self.bn_epsilon,
             dtype=self.dtype,
             param_dtype=self.param_dtype,
-            axis_name=self.bn_axis_name,
             use_fast_variance=False,  # two-pass variance, like PyTorch
             force_float32_reductions=True,
             name=name,

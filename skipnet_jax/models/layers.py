@@ -598,7 +598,6 @@ class ConvBN(nn.Module):
     param_dtype: Dtype = jnp.float32
     bn_momentum: float = BN_MOMENTUM
     bn_epsilon: float = BN_EPSILON
-    bn_axis_name: str | None = None
 
     @nn.compact
     def __call__(self, x: Array, train: bool = False) -> Array:
@@ -633,7 +632,6 @@ class ConvBN(nn.Module):
             epsilon=self.bn_epsilon,
             dtype=self.dtype,
             param_dtype=self.param_dtype,
-            axis_name=self.bn_axis_name,
             use_fast_variance=False,  # two-pass variance, like PyTorch
             force_float32_reductions=True,
             name="bn",
@@ -701,7 +699,6 @@ class InvertedResidual(nn.Module):
     param_dtype: Dtype = jnp.float32
     bn_momentum: float = BN_MOMENTUM
     bn_epsilon: float = BN_EPSILON
-    bn_axis_name: str | None = None
 
     @nn.compact
     def __call__(self, x: Array, train: bool = False) -> Array:
@@ -711,7 +708,6 @@ class InvertedResidual(nn.Module):
             param_dtype=self.param_dtype,
             bn_momentum=self.bn_momentum,
             bn_epsilon=self.bn_epsilon,
-            bn_axis_name=self.bn_axis_name,
         )
         x = jnp.asarray(x, self.dtype)
         y = x

@@ -126,7 +126,6 @@ class MobileNetV3(nn.Module):
     depthwise_impl: str = "auto"
     bn_momentum: float = MBV3_BN_MOMENTUM
     bn_epsilon: float = MBV3_BN_EPSILON
-    bn_axis_name: str | None = None
 
     @nn.compact
     def __call__(self, images: Array, train: bool = False) -> tuple[Array, dict[str, Array]]:
@@ -141,7 +140,6 @@ class MobileNetV3(nn.Module):
             param_dtype=self.param_dtype,
             bn_momentum=self.bn_momentum,
             bn_epsilon=self.bn_epsilon,
-            bn_axis_name=self.bn_axis_name,
         )
         aux: dict[str, Array] = {}
 

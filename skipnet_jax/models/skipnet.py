@@ -224,7 +224,6 @@ class SkipNet(nn.Module):
     depthwise_impl: str = "auto"
     bn_momentum: float = BN_MOMENTUM
     bn_epsilon: float = BN_EPSILON
-    bn_axis_name: str | None = None
 
     # ------------------------------------------------------------------ forward
     @nn.compact
@@ -237,7 +236,6 @@ class SkipNet(nn.Module):
             param_dtype=self.param_dtype,
             bn_momentum=self.bn_momentum,
             bn_epsilon=self.bn_epsilon,
-            bn_axis_name=self.bn_axis_name,
         )
         ir = dict(depthwise_impl=self.depthwise_impl, **common)
         aux: dict[str, Array] = {}
