@@ -3,7 +3,7 @@
 Command line::
 
     python -m skipnet_jax.convert --torch_checkpoint skipnet_m.pth --output DIR \\
-        [--model skipnet_m] [--overwrite]
+        [--model skipnet_m] [--dataset imagenet2012] [--image_size 224] [--overwrite]
 
 reads the ``.pth`` file with ``torch.load(..., map_location="cpu", weights_only=True)``
 (never plain pickle, so a checkpoint cannot run code), maps every entry to the Flax
@@ -13,9 +13,17 @@ and writes ``DIR``:
 
 * ``DIR/variables/``: an orbax checkpoint (``orbax.checkpoint.StandardCheckpointer``) of
   the plain nested dict ``{"params": ..., "batch_stats": ...}`` (float32 arrays);
-* ``DIR/model.json``: ``{"model", "num_classes", "source", "num_params",
-  "num_batch_stats", "format"}``.  It is written last, so a directory with ``model.json``
-  holds a complete checkpoint.
+* ``DIR/model.json``: ``{"model", "num_classes", "dataset", "preprocessing", "source",
+  "num_params", "num_batch_stats", "format"}``.  It is written last, so a directory with
+  ``model.json`` holds a complete checkpoint.
+
+``dataset`` and ``preprocessing`` say what input the weights expect, so that ``predict``,
+``evaluate`` and ``export`` prepare images the same way without being told: the dataset
+they were trained on (``--dataset``; its class count must be the checkpoint's) and its
+eval preprocessing at ``--image_size`` (`predict.preprocessing_record`).  The defaults
+are the release's: SkipNet-M trained on ImageNet at 224 px, so ``{"mode": "inception",
+"image_size": 224, "resize_shorter_side": 256, "crop": "center", "mean": [0.485, 0.456,
+0.406], "std": [0.229, 0.224, 0.225]}`` (the ImageNet eval pipeline's own values).
 
 ``load_variables(DIR) -> (variables, meta)`` reads it back (as used by the training
 config's ``init_from``).  Every problem (unreadable file, wrong names or shapes, an
@@ -27,7 +35,8 @@ Python API::
     from skipnet_jax import convert
     sd = convert.load_torch_checkpoint("skipnet_m.pth")          # needs torch
     variables = convert.torch_state_dict_to_variables(sd, "skipnet_m")
-    convert.save_variables(variables, "out", model_name="skipnet_m", num_classes=1000)
+    convert.save_variables(variables, "out", model_name="skipnet_m", num_classes=1000,
+                           data_config=convert.data_config())  # records ImageNet's preprocessing
     variables, meta = convert.load_variables("out")
 
 ``torch_state_dict_to_variables`` accepts torch tensors or numpy arrays, a state dict
@@ -55,6 +64,7 @@ __all__ = [
     "ConversionError",
     "abstract_variables",
     "convertible_models",
+    "data_config",
     "flax_path_to_torch_key",
     "load_torch_checkpoint",
     "load_variables",
@@ -67,6 +77,11 @@ __all__ = [
 TORCH_INSTALL_HINT = "pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu"
 VARIABLES_SUBDIR = "variables"
 META_FILE = "model.json"
+# Key of model.json naming the dataset the weights were trained on (`data_config`).
+DATASET_KEY = "dataset"
+# What the release's weights were trained on: ImageNet at 224 px.
+RELEASE_DATASET = "imagenet2012"
+RELEASE_IMAGE_SIZE = 224
 FORMAT = "orbax.checkpoint.StandardCheckpointer"
 # Keys under which training scripts commonly nest the state dict.
 WRAPPER_KEYS = ("state_dict", "net", "model", "model_state_dict")
@@ -464,6 +479,28 @@ def load_torch_checkpoint(path: str | os.PathLike) -> Any:
 # --------------------------------------------------------------------------- saving
 
 
+def data_config(dataset: str = RELEASE_DATASET, image_size: int = RELEASE_IMAGE_SIZE):
+    """The default config with `dataset` and `image_size`: what `save_variables` records for
+    weights trained on them (the dataset's own eval preprocessing at that size)."""
+    from skipnet_jax.default_config import get_default_config
+
+    config = get_default_config()
+    config.dataset = dataset
+    config.image_size = image_size
+    return config
+
+
+def _data_record(data_config) -> dict[str, Any]:
+    """``{"dataset", "preprocessing"}`` of model.json for `data_config`."""
+    from skipnet_jax import predict
+    from skipnet_jax.config_validation import ConfigError
+
+    try:
+        return {DATASET_KEY: data_config.dataset, predict.PREPROCESSING_KEY: predict.preprocessing_record(data_config)}
+    except ConfigError as e:
+        raise ConversionError(str(e)) from None
+
+
 def _count(tree: Mapping[str, Any]) -> int:
     return int(sum(math.prod(_shape(v)) for v in _flatten(tree).values()))
 
@@ -476,8 +513,15 @@ def save_variables(
     num_classes: int,
     source: str | None = None,
     overwrite: bool = False,
+    data_config=None,
 ) -> str:
     """Write ``variables`` to ``output_dir`` (orbax ``StandardCheckpointer``) plus ``model.json``.
+
+    ``data_config`` (a config, e.g. `data_config` or the training run's) names the dataset
+    the weights were trained on and their image size and preprocessing settings; its
+    dataset and eval preprocessing are recorded in ``model.json``, from where `evaluate`,
+    `predict` and `export` take them.  None records neither (they then come from the
+    config those are given, default ``digits``).
 
     Refuses (``ConversionError``) when ``output_dir`` exists and is not empty, unless
     ``overwrite``; then only this function's own entries (``variables/``,
@@ -485,6 +529,7 @@ def save_variables(
     """
     import orbax.checkpoint as ocp
 
+    record = _data_record(data_config) if data_config is not None else {}
     out = os.path.abspath(os.fspath(output_dir))
     if os.path.exists(out) and not os.path.isdir(out):
         raise ConversionError(f"output {out} exists and is not a directory")
@@ -511,6 +556,7 @@ def save_variables(
         meta = {
             "model": model_name,
             "num_classes": int(num_classes),
+            **record,
             "source": source,
             "num_params": _count(tree["params"]),
             "num_batch_stats": _count(tree["batch_stats"]),
@@ -589,22 +635,51 @@ def _define_flags():
     flags.DEFINE_string("torch_checkpoint", None, "PyTorch .pth file (a state_dict, possibly wrapped).")
     flags.DEFINE_string("output", None, "Output directory (orbax checkpoint + model.json).")
     flags.DEFINE_string("model", "skipnet_m", "Registered model the checkpoint is for.")
+    flags.DEFINE_string(
+        "dataset", RELEASE_DATASET, "Dataset the weights were trained on; its eval preprocessing is recorded."
+    )
+    flags.DEFINE_integer("image_size", RELEASE_IMAGE_SIZE, "Image size the weights were trained at.")
     flags.DEFINE_boolean("overwrite", False, "Replace the converted checkpoint in a non-empty --output.")
     flags.mark_flags_as_required(["torch_checkpoint", "output"])
     return flags
 
 
+def _check_classes(config, num_classes: int) -> None:
+    """`ConversionError` when the checkpoint's class count is not ``config.dataset``'s."""
+    from skipnet_jax import evaluate
+    from skipnet_jax.config_validation import ConfigError
+
+    try:
+        evaluate.check_dataset_classes(config, num_classes, "the checkpoint", flag="--dataset")
+    except ConfigError as e:
+        raise ConversionError(str(e)) from None
+
+
 def convert_file(
-    torch_checkpoint: str, output: str, *, model_name: str = "skipnet_m", overwrite: bool = False
+    torch_checkpoint: str,
+    output: str,
+    *,
+    model_name: str = "skipnet_m",
+    overwrite: bool = False,
+    dataset: str = RELEASE_DATASET,
+    image_size: int = RELEASE_IMAGE_SIZE,
 ) -> dict[str, Any]:
-    """What the CLI does: read, convert, save.  Returns a summary dict."""
+    """What the CLI does: read, convert, check the class count against `dataset`, save
+    (recording `dataset` and its eval preprocessing at `image_size`).  Returns a summary dict."""
+    from skipnet_jax.config_validation import MIN_IMAGE_SIZE
+
     out = os.path.abspath(output)
     if os.path.isdir(out) and os.listdir(out) and not overwrite:  # fail before the slow part
         raise ConversionError(f"output directory {out} is not empty; pass --overwrite to replace it")
+    if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < MIN_IMAGE_SIZE:
+        raise ConversionError(f"--image_size={image_size!r} is not valid; it must be an integer >= {MIN_IMAGE_SIZE}")
     state = load_torch_checkpoint(torch_checkpoint)
+    trained_on = data_config(dataset, image_size)
+    _data_record(trained_on)  # an unknown dataset fails here, before the conversion
     sd = unwrap_state_dict(state)
     variables = torch_state_dict_to_variables(sd, model_name)
     num_classes = int(_shape(variables["params"]["classifier"]["kernel"])[-1])
+    _check_classes(trained_on, num_classes)
     out = save_variables(
         variables,
         out,
@@ -612,8 +687,11 @@ def convert_file(
         num_classes=num_classes,
         source=os.path.abspath(torch_checkpoint),
         overwrite=overwrite,
+        data_config=trained_on,
     )
     return {
+        "dataset": dataset,
+        "image_size": image_size,
         "model": model_name,
         "num_params": _count(variables["params"]),
         "num_batch_stats": _count(variables["batch_stats"]),
@@ -632,12 +710,19 @@ def main(argv: list[str]) -> None:
     logging.set_verbosity(logging.WARNING)  # orbax logs every file operation at INFO
     f = flags.FLAGS
     try:
-        s = convert_file(f.torch_checkpoint, f.output, model_name=f.model, overwrite=f.overwrite)
+        s = convert_file(
+            f.torch_checkpoint,
+            f.output,
+            model_name=f.model,
+            overwrite=f.overwrite,
+            dataset=f.dataset,
+            image_size=f.image_size,
+        )
     except ConversionError as e:
         cli.fail(str(e))
     print(f"converted {s['source']} ({s['torch_entries']} entries)")
     print(f"  model:        {s['model']}")
-    print(f"  classes:      {s['num_classes']}")
+    print(f"  classes:      {s['num_classes']} ({s['dataset']} at {s['image_size']} px)")
     print(f"  params:       {s['num_params']:,}")
     print(f"  batch_stats:  {s['num_batch_stats']:,}")
     print(f"  output:       {s['output']}")

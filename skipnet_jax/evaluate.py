@@ -11,20 +11,25 @@ Command line::
   ``--config`` names a config file; the EMA weights are used when the run kept them
   (``ema_decay > 0``), exactly as the training loop's evaluation does; or
 * a directory written by ``python -m skipnet_jax.convert`` (``DIR/model.json``): the
-  model and class count come from ``model.json``, everything else (dataset, image size,
-  batch size) from ``--config`` (default: `default_config`).
+  model, class count, dataset and eval preprocessing (image size, resize/crop mode,
+  mean/std: `predict.preprocessing_record`) come from ``model.json``, everything else
+  (data_dir, batch size) from `default_config`; ``--config FILE`` replaces all but the
+  model and class count.  A ``model.json`` without ``dataset`` / ``preprocessing`` (as
+  earlier versions wrote) takes them from the config too: ``--config.dataset``, default
+  ``digits``.
 
 ``--config.KEY=VALUE`` overrides apply on top of either (e.g. ``--config.data_dir=...``
-or ``--config.eval_batch_size=64``).  The evaluation is `train.evaluate` over
-`train.eval_step` (top-1, top-5, cross-entropy and the confusion matrix over every
-example, the last batch padded and masked).
+or ``--config.eval_batch_size=64``).  A dataset whose class count is not the model's is
+an error naming both counts, never a silent mismatch.  The evaluation is
+`train.evaluate` over `train.eval_step` (top-1, top-5, cross-entropy and the confusion
+matrix over every example, the last batch padded and masked).
 
 Writes ``DIR/eval_results.json`` (never ``results.json``) with ``eval_top1``,
 ``eval_top5``, ``eval_loss``, ``eval_examples``, ``per_class_accuracy``,
-``confusion_matrix`` (rows: true class), ``class_names`` and where the weights came
-from, and ``DIR/plots/confusion_matrix.png``.  Problems (no checkpoint, a config that
-does not fit the checkpoint, a missing dataset) end with one ``error: ...`` line and
-exit status 2.
+``confusion_matrix`` (rows: true class), ``class_names``, ``preprocessing`` and where
+the weights came from, and ``DIR/plots/confusion_matrix.png``.  Problems (no checkpoint,
+a config that does not fit the checkpoint, a missing dataset) end with one
+``error: ...`` line and exit status 2.
 
 `load_model` (used by `predict` and `export` too) returns the model with the weights
 that evaluation uses.
@@ -44,11 +49,12 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from absl import logging
 
 from skipnet_jax import checkpointing, cli, convert, optim, reporting, sharding, train
 from skipnet_jax.config_validation import ConfigError, check_num_classes
 from skipnet_jax.data import pipeline
-from skipnet_jax.default_config import get_default_config
+from skipnet_jax.default_config import RETIRED_KEYS, get_default_config
 from skipnet_jax.reporting import CONFIG_FILE
 
 EVAL_RESULTS_FILE = "eval_results.json"
@@ -123,6 +129,9 @@ def _update_from_json(config: ml_collections.ConfigDict, values: dict, prefix: s
     for key, value in values.items():
         name = f"{prefix}{key}"
         if key not in config:
+            if name in RETIRED_KEYS:  # written by an earlier version; the setting no longer exists
+                logging.warning("%s: skipping '%s', which is not a setting: %s", CONFIG_FILE, name, RETIRED_KEYS[name])
+                continue
             raise ConfigError(
                 f"{CONFIG_FILE} has key '{name}', which this version does not define "
                 "(see skipnet_jax/default_config.py); pass --config instead"
@@ -152,14 +161,28 @@ def config_from_json(path: str) -> ml_collections.ConfigDict:
 
 def load_config(workdir: str) -> ml_collections.ConfigDict:
     """The default config of `workdir`: its config.json, or for a converted dir the defaults
-    with ``model`` and ``num_classes`` from model.json."""
+    with ``model``, ``num_classes``, ``dataset`` and the eval preprocessing from model.json."""
     if is_converted_dir(workdir):
-        meta = _read_meta(workdir)
-        config = get_default_config()
-        config.model = meta["model"]
-        config.num_classes = int(meta["num_classes"])
-        return config
+        return _converted_config(workdir)
     return config_from_json(os.path.join(workdir, CONFIG_FILE))
+
+
+def _converted_config(workdir: str) -> ml_collections.ConfigDict:
+    """The defaults with what model.json records about the weights (`convert.save_variables`)."""
+    from skipnet_jax import predict
+
+    meta = _read_meta(workdir)
+    path = os.path.join(workdir, convert.META_FILE)
+    config = get_default_config()
+    config.model = meta["model"]
+    config.num_classes = int(meta["num_classes"])
+    if convert.DATASET_KEY in meta:
+        if not isinstance(meta[convert.DATASET_KEY], str) or not meta[convert.DATASET_KEY]:
+            raise ConfigError(f"{path}: {convert.DATASET_KEY}={meta[convert.DATASET_KEY]!r} must be a dataset name")
+        config.dataset = meta[convert.DATASET_KEY]
+    if predict.PREPROCESSING_KEY in meta:
+        predict.apply_preprocessing_record(config, meta[predict.PREPROCESSING_KEY], path)
+    return config
 
 
 def _read_meta(directory: str) -> dict:
@@ -174,18 +197,38 @@ def _read_meta(directory: str) -> dict:
     return meta
 
 
-def dataset_class_names(config: ml_collections.ConfigDict, num_classes: int) -> tuple[str, ...] | None:
-    """Class names of ``config.dataset`` when they can be had without its data (else None)."""
-    try:
-        names = tuple(pipeline.get_dataset_info(config).class_names)
-    except Exception:  # noqa: BLE001 - e.g. ImageNet not prepared: TFDS still knows the names
-        try:
-            import tensorflow_datasets as tfds
+def dataset_class_names(config: ml_collections.ConfigDict) -> tuple[str, ...] | None:
+    """Class names of ``config.dataset`` without its data: an image folder's class
+    directories, or TFDS's metadata (nothing is downloaded or prepared; ImageNet's WordNet
+    IDs need no data).  None when not even their count is known."""
+    from skipnet_jax.data import folder
 
-            names = tuple(tfds.builder(config.dataset, data_dir=config.data_dir).info.features["label"].names)
-        except Exception:  # noqa: BLE001 - no names: callers show class indices
-            return None
-    return names if len(names) == num_classes else None
+    try:
+        if folder.looks_like_path(config.dataset):
+            return tuple(pipeline.get_dataset_info(config).class_names)
+        import tensorflow_datasets as tfds
+
+        return tuple(tfds.builder(config.dataset, data_dir=config.data_dir).info.features["label"].names)
+    except Exception:  # noqa: BLE001 - no names: callers show class indices
+        return None
+
+
+def check_dataset_classes(
+    config: ml_collections.ConfigDict, num_classes: int, what: str, flag: str = "--config.dataset"
+) -> tuple[str, ...] | None:
+    """``config.dataset``'s class names; `ConfigError` when their count is not the model's.
+
+    A model with another class count was trained on another dataset, so its predictions
+    would be labelled (and its images normalised) for the wrong one.  `what` names the
+    model in the message, `flag` the setting that fixes it.  An unknown count is no error.
+    """
+    names = dataset_class_names(config)
+    if names is not None and len(names) != num_classes:
+        raise ConfigError(
+            f"{what} has {num_classes} classes but {flag.lstrip('-')}={config.dataset!r} has {len(names)}; "
+            f"pass {flag}=<the dataset it was trained on>"
+        )
+    return names
 
 
 def load_model(workdir: str, config: ml_collections.ConfigDict | None = None) -> LoadedModel:
@@ -220,6 +263,10 @@ def _load_converted(workdir: str, config: ml_collections.ConfigDict) -> LoadedMo
     if config.num_classes not in (-1, num_classes):
         raise ConfigError(f"config.num_classes={config.num_classes} but {workdir} holds {num_classes} classes")
     config.num_classes = num_classes
+    what = f"the model in {workdir}"
+    if convert.DATASET_KEY not in meta:
+        what += f" (its {convert.META_FILE} names no dataset)"
+    class_names = check_dataset_classes(config, num_classes, what)
     variables = {k: jax.tree.map(jnp.asarray, dict(variables.get(k, {}))) for k in ("params", "batch_stats")}
     return LoadedModel(
         model=train.create_model(config, num_classes),
@@ -230,7 +277,7 @@ def _load_converted(workdir: str, config: ml_collections.ConfigDict) -> LoadedMo
         source=workdir,
         step=None,
         use_ema=False,
-        class_names=dataset_class_names(config, num_classes),
+        class_names=class_names,
     )
 
 
@@ -316,7 +363,7 @@ def evaluate_model(loaded: LoadedModel) -> dict[str, Any]:
 
 def evaluate_workdir(workdir: str, config: ml_collections.ConfigDict | None = None) -> dict[str, Any]:
     """What the CLI does: load, evaluate, write ``eval_results.json`` and the confusion-matrix plot."""
-    from skipnet_jax import plots
+    from skipnet_jax import plots, predict
 
     start = time.time()
     loaded = load_model(workdir, config)
@@ -329,6 +376,7 @@ def evaluate_workdir(workdir: str, config: ml_collections.ConfigDict | None = No
         "dataset": config.dataset,
         "eval_split": config.data.eval_split,
         "image_size": config.image_size,
+        "preprocessing": predict.preprocessing_record(config),
         "weights": loaded.kind,
         "source": loaded.source,
         "step": loaded.step,

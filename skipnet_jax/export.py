@@ -12,7 +12,8 @@ running statistics, no dropout):
 
     input  "images": float32 [batch_size, image_size, image_size, 3], NHWC, preprocessed
                      exactly as for evaluation (`predict.preprocess_image`: resize/crop and
-                     the dataset's per-channel normalisation);
+                     the dataset's per-channel normalisation; the model's record of it,
+                     `predict.preprocessing_record`, is printed and in the summary);
     output "logits": float32 [batch_size, num_classes] (apply softmax for probabilities; the
                      only output; the TFLite converter names its tensor "Identity").
 
@@ -23,10 +24,11 @@ How:
    convolution with a bias, ``W' = W * gamma / sqrt(var + eps)``,
    ``b' = beta - mean * gamma / sqrt(var + eps)``.  (BatchNorms that do not follow a
    conv in a `ConvBN`, as in the CIFAR ResNet/DenseNet/ShuffleNet, stay as eval-mode
-   affine ops; the TFLite converter fuses those it can.)  Convolutions are traced as
-   plain (grouped) convolution ops (``depthwise_impl="lax"``, and ``conv_impl="lax"``
-   where the model has that field), which map to the formats' conv / depthwise-conv
-   operators, not the CPU-specific shifted multiply-adds.
+   affine ops; the TFLite converter fuses those it can.)  Every convolution module whose
+   ``impl`` field picks a CPU-specific formulation (`DepthwiseConv`'s shifted
+   multiply-adds, `Conv`'s 1x1 matrix product) is traced as one plain (grouped)
+   convolution instead (`_plain_convolutions`), which maps to the formats' conv /
+   depthwise-conv operators.
 2. `jax2tf.convert` (native serialization: StableHLO inside a TF function) and
    ``tf.lite.TFLiteConverter.from_concrete_functions`` with TFLite builtin ops only:
    a ``.tflite`` flatbuffer.
@@ -54,7 +56,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from skipnet_jax import cli
+from skipnet_jax import cli, predict
 from skipnet_jax.config_validation import ConfigError
 from skipnet_jax.models.layers import ConvBN
 
@@ -167,20 +169,13 @@ def _plain_convolutions():
     return nn.intercept_methods(plain)
 
 
-# Model fields that pick a CPU-specific formulation of a convolution (shifted multiply-adds,
-# im2col matrix products); exported graphs want the plain convolution operator instead.
-_IMPL_FIELDS = ("depthwise_impl", "conv_impl")
-
-
 def _export_model(loaded) -> nn.Module:
-    """The loaded model in float32 (whatever the training compute dtype was) with every
-    convolution traced as one (grouped) conv op (``impl="lax"``)."""
+    """The loaded model in float32, whatever the training compute dtype was.  (Its
+    convolutions become plain conv ops where it is applied, in `_plain_convolutions`.)"""
     model = loaded.model
-    fields = {f.name for f in dataclasses.fields(model)}
-    overrides = {name: "lax" for name in _IMPL_FIELDS if name in fields}
-    if "dtype" in fields:
-        overrides["dtype"] = jnp.float32
-    return model.clone(**overrides)
+    if "dtype" in {f.name for f in dataclasses.fields(model)}:
+        return model.clone(dtype=jnp.float32)
+    return model
 
 
 def inference_function(loaded, *, fold: bool = True) -> Callable[[jax.Array], jax.Array]:
@@ -262,6 +257,7 @@ def export(loaded, fmt: str, output: str, *, batch_size: int = 1, fold: bool = T
     """Writes `loaded`'s inference function as `fmt` to `output`; returns a summary."""
     if fmt not in FORMATS:
         raise ConfigError(f"--format={fmt!r} is not valid; valid choices: {', '.join(FORMATS)}")
+    preprocessing = predict.preprocessing_record(loaded.config)  # an unknown dataset fails before the slow part
     if batch_size < 1:
         raise ConfigError(f"--batch_size={batch_size} must be >= 1")
     fn = inference_function(loaded, fold=fold)
@@ -282,6 +278,7 @@ def export(loaded, fmt: str, output: str, *, batch_size: int = 1, fold: bool = T
         "input": (INPUT_NAME, [batch_size, size, size, 3]),
         "output_tensor": (OUTPUT_NAME, [batch_size, loaded.num_classes]),
         "batch_norm_folded": fold,
+        "preprocessing": preprocessing,
     }
 
 
@@ -366,6 +363,7 @@ def main(argv: list[str]) -> None:
         f"as {summary['format']}: {summary['output']} ({summary['bytes']:,} bytes)"
     )
     print(f"  input  {summary['input'][0]}: float32 {summary['input'][1]} (NHWC, normalised as for eval)")
+    print(f"  preprocessing ({loaded.config.dataset} eval): {predict.describe_preprocessing(summary['preprocessing'])}")
     print(f"  output {summary['output_tensor'][0]}: float32 {summary['output_tensor'][1]}")
     print(f"  batch norm folded into convolutions: {'yes' if summary['batch_norm_folded'] else 'no'}")
 

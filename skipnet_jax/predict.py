@@ -7,7 +7,9 @@ Command line::
 ``DIR`` is a training workdir (latest checkpoint, EMA weights if the run kept them) or
 a ``python -m skipnet_jax.convert`` output directory, as for `skipnet_jax.evaluate`.
 Images are JPEG, PNG, GIF or BMP of any size and are preprocessed as the eval split of
-the model's dataset is (`eval_preprocessing`):
+the model's dataset is (`eval_preprocessing`): the dataset, image size and preprocessing
+come with the model, from the run's config.json or from the converted directory's
+model.json (`preprocessing_record`; ``--config.KEY=VALUE`` overrides still apply):
 
 * "inception" datasets (ImageNet, image folders, large images): the shorter side is
   resized to ``ceil(image_size / 0.875)`` and the central ``image_size`` square
@@ -17,16 +19,25 @@ the model's dataset is (`eval_preprocessing`):
   square is first centre-cropped to a square (eval images of these datasets are
   square, so for them this changes nothing);
 
-then the dataset's per-channel normalisation (`preprocess.normalize`).  Prints, per
+then the dataset's per-channel normalisation (`preprocess.normalize`).  Prints a first
+``#`` line naming the model and that preprocessing (`describe_preprocessing`), then, per
 image, the top classes with their names (when the dataset has them) and softmax
-probabilities.  An unreadable image ends with ``error: ...`` and exit status 2.
+probabilities.
+
+A file that cannot be read or decoded is named in one ``error: ...`` line on stderr and
+the other images are still predicted.  Exit status: 0 when every image was predicted,
+1 when some were and others could not be read, 2 when none could be (or on any other
+problem: a bad flag, a workdir without a model, a dataset whose class count is not the
+model's).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -34,7 +45,21 @@ import numpy as np
 from skipnet_jax import cli
 from skipnet_jax.config_validation import ConfigError
 
-__all__ = ["eval_preprocessing", "format_predictions", "load_images", "main", "predict", "preprocess_image"]
+__all__ = [
+    "PREPROCESSING_KEY",
+    "apply_preprocessing_record",
+    "describe_preprocessing",
+    "eval_preprocessing",
+    "format_predictions",
+    "load_images",
+    "main",
+    "predict",
+    "preprocess_image",
+    "preprocessing_record",
+]
+
+# Key of model.json (`convert.save_variables`) that holds `preprocessing_record`.
+PREPROCESSING_KEY = "preprocessing"
 
 
 def eval_preprocessing(config) -> tuple[str, tuple[float, ...], tuple[float, ...]]:
@@ -45,6 +70,88 @@ def eval_preprocessing(config) -> tuple[str, tuple[float, ...], tuple[float, ...
         return pipeline.eval_preprocessing(config)
     except ValueError as e:  # unknown dataset names, bad data settings
         raise ConfigError(str(e).splitlines()[0]) from None
+
+
+def _record(mode: str, image_size: int, mean: Sequence[float], std: Sequence[float]) -> dict[str, Any]:
+    """The record of `preprocessing_record`: the fields `preprocess_image` reads (mode, image
+    size, mean, std) plus the resize and crop they imply, spelled out for other tools."""
+    from skipnet_jax.data import inception
+
+    record: dict[str, Any] = {"mode": mode, "image_size": int(image_size)}
+    if mode == "inception":
+        record["resize_shorter_side"] = inception.eval_resize_size(int(image_size))
+        record["crop"] = "center"
+    else:
+        record["crop"] = "center_square"  # then resized to image_size
+    return record | {"mean": [float(m) for m in mean], "std": [float(s) for s in std]}
+
+
+def preprocessing_record(config) -> dict[str, Any]:
+    """JSON-ready eval preprocessing of `config`'s model, as model.json records it.
+
+    For the ImageNet eval preprocessing at 224 px: ``{"mode": "inception", "image_size":
+    224, "resize_shorter_side": 256, "crop": "center", "mean": [...], "std": [...]}``
+    (mean/std of pixels in [0, 1], per RGB channel).
+    """
+    mode, mean, std = eval_preprocessing(config)
+    return _record(mode, config.image_size, mean, std)
+
+
+def describe_preprocessing(record: Mapping[str, Any]) -> str:
+    """One line for people: ``shorter side 256, centre crop 224, mean (...), std (...)``."""
+    size = record["image_size"]
+    if record["mode"] == "inception":
+        steps = f"shorter side {record['resize_shorter_side']}, centre crop {size}"
+    else:
+        steps = f"centre square, resize to {size}"
+    numbers = ", ".join(f"{v:g}" for v in record["mean"]), ", ".join(f"{v:g}" for v in record["std"])
+    return f"{steps}, mean ({numbers[0]}), std ({numbers[1]})"
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _checked_record(record: Any, where: str) -> dict[str, Any]:
+    """`record` if it is one `_record` writes, else `ConfigError` naming the key in `where`."""
+    from skipnet_jax.data import pipeline
+
+    if not isinstance(record, Mapping):
+        raise ConfigError(f"{where}: '{PREPROCESSING_KEY}' must be an object, got {record!r}")
+    modes = [mode for mode in pipeline.PREPROCESSINGS if mode != "auto"]  # a record names the one used
+    checks = {
+        "mode": (lambda v: v in modes, f"one of {', '.join(modes)}"),
+        "image_size": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0, "a positive integer"),
+        "mean": (lambda v: isinstance(v, list) and len(v) == 3 and all(map(_is_number, v)), "a list of 3 numbers"),
+        "std": (
+            lambda v: isinstance(v, list) and len(v) == 3 and all(_is_number(x) and x > 0 for x in v),
+            "a list of 3 numbers > 0",
+        ),
+    }
+    for key, (ok, what) in checks.items():
+        if key not in record or not ok(record[key]):
+            raise ConfigError(f"{where}: {PREPROCESSING_KEY}.{key}={record.get(key)!r} is not valid; it must be {what}")
+    implied = _record(record["mode"], record["image_size"], record["mean"], record["std"])
+    for key, value in record.items():
+        if key not in implied:
+            raise ConfigError(f"{where}: unknown key {PREPROCESSING_KEY}.{key}; valid keys: {', '.join(implied)}")
+        if value != implied[key]:  # the derived fields must say what preprocess_image does
+            raise ConfigError(
+                f"{where}: {PREPROCESSING_KEY}.{key}={value!r} does not fit mode {record['mode']!r} at "
+                f"image_size {record['image_size']}, which uses {implied[key]!r}"
+            )
+    return implied
+
+
+def apply_preprocessing_record(config, record: Any, where: str) -> None:
+    """Sets ``config.image_size`` and ``config.data.preprocessing / mean / std`` from a record
+    of `preprocessing_record`, so that the eval pipeline and `preprocess_image` prepare
+    images as the model was trained for.  `where` (the file) names a bad record's error."""
+    record = _checked_record(record, where)
+    config.image_size = record["image_size"]
+    config.data.preprocessing = record["mode"]
+    config.data.mean = tuple(record["mean"])
+    config.data.std = tuple(record["std"])
 
 
 def preprocess_image(data: bytes, size: int, mode: str, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
@@ -70,19 +177,57 @@ def preprocess_image(data: bytes, size: int, mode: str, mean: Sequence[float], s
     return preprocess.normalize(image, tuple(mean), tuple(std)).numpy()
 
 
+@contextlib.contextmanager
+def _native_stderr_silenced():
+    """File descriptor 2 goes to /dev/null inside: libjpeg prints its complaints about a
+    damaged JPEG ("Improper call to JPEG library in state 201") there itself, past Python,
+    while the error TensorFlow raises already says what is wrong."""
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError):  # no usable stderr: nothing to silence
+        yield
+        return
+    try:
+        with open(os.devnull, "wb") as null:
+            os.dup2(null.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def _decode_error_reason(error: Exception) -> str:
+    """TensorFlow's reason without its op and device names: ``{{function_node
+    __wrapped__DecodeImage_device_/job:localhost/...}} Input is empty. [Op:DecodeImage]``
+    -> ``Input is empty.``"""
+    text = cli.first_line(getattr(error, "message", None) or error)
+    text = re.sub(r"\{\{[^}]*\}\}\s*", "", text)
+    text = re.sub(r"\s*\[Op:[^\]]*\].*$", "", text)
+    return text[:200] or type(error).__name__
+
+
+def _load_image(path: str, size: int, mode: str, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
+    """One file as `preprocess_image` prepares it; `ConfigError` (one line naming it) if unreadable."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise ConfigError(f"cannot read image {path}: {e.strerror or e}") from None
+    try:
+        with _native_stderr_silenced():
+            return preprocess_image(data, size, mode, mean, std)
+    except Exception as e:  # noqa: BLE001 - TF's decode errors: not an image, or a damaged one
+        raise ConfigError(f"cannot decode image {path}: {_decode_error_reason(e)}") from None
+
+
 def load_images(paths: Sequence[str], config) -> np.ndarray:
-    """float32 ``[N, S, S, 3]`` of the image files, preprocessed for ``config``'s model."""
+    """float32 ``[N, S, S, 3]`` of the image files, preprocessed for ``config``'s model.
+
+    Raises `ConfigError` at the first file that cannot be read (`predict` skips those instead).
+    """
     mode, mean, std = eval_preprocessing(config)
-    images = []
-    for path in paths:
-        try:
-            with open(path, "rb") as f:
-                data = f.read()
-            images.append(preprocess_image(data, config.image_size, mode, mean, std))
-        except OSError as e:
-            raise ConfigError(f"cannot read image {path}: {e.strerror or e}") from None
-        except Exception as e:  # noqa: BLE001 - TF's decode errors: not an image
-            raise ConfigError(f"cannot decode image {path}: {str(e).splitlines()[0][:200]}") from None
+    images = [_load_image(path, config.image_size, mode, mean, std) for path in paths]
     return np.stack(images).astype(np.float32)
 
 
@@ -93,33 +238,65 @@ def _softmax(logits: np.ndarray) -> np.ndarray:
 
 
 def predict(loaded, paths: Sequence[str], top_k: int = 5, batch_size: int = 32) -> list[dict[str, Any]]:
-    """Per image: ``{"path", "logits", "top": [(class index, name, probability), ...]}``.
+    """One entry per path, in order: ``{"path", "logits", "top": [(class index, name,
+    probability), ...]}``, or ``{"path", "error"}`` (a one-line reason) for a file that
+    cannot be read or decoded, so that one bad file does not cost the others.
 
     `loaded` is an `evaluate.LoadedModel`; the model runs in eval mode (batch-norm running
     statistics, no dropout).  ``top`` is sorted by probability, at most `top_k` entries.
     """
-    paths = list(paths)
-    images = load_images(paths, loaded.config)
-    logits = np.concatenate([loaded.logits(images[i : i + batch_size]) for i in range(0, len(images), batch_size)])
+    mode, mean, std = eval_preprocessing(loaded.config)
+    out: list[dict[str, Any]] = []
+    images = []
+    for path in paths:
+        try:
+            images.append(_load_image(path, loaded.config.image_size, mode, mean, std))
+            out.append({"path": path})
+        except ConfigError as e:
+            out.append({"path": path, "error": str(e)})
+    if not images:
+        return out
+    batch = np.stack(images).astype(np.float32)
+    logits = np.concatenate([loaded.logits(batch[i : i + batch_size]) for i in range(0, len(batch), batch_size)])
     probs = _softmax(logits.astype(np.float64))
     names = loaded.class_names or tuple(str(i) for i in range(loaded.num_classes))
     k = min(top_k, loaded.num_classes)
-    out = []
-    for path, row_logits, row in zip(paths, logits, probs):
+    readable = [entry for entry in out if "error" not in entry]
+    for entry, row_logits, row in zip(readable, logits, probs):
         order = np.argsort(-row, kind="stable")[:k]
-        out.append({"path": path, "logits": row_logits, "top": [(int(i), str(names[i]), float(row[i])) for i in order]})
+        entry["logits"] = row_logits
+        entry["top"] = [(int(i), str(names[i]), float(row[i])) for i in order]
     return out
 
 
 def format_predictions(predictions: list[dict[str, Any]]) -> str:
+    """The predicted entries of `predict` as text (failed ones are left out)."""
     lines = []
     for p in predictions:
+        if "error" in p:
+            continue
         lines.append(p["path"])
         labels = [name if name == str(index) else f"{name} (class {index})" for index, name, _ in p["top"]]
         width = max(len(label) for label in labels)
         for rank, (label, (_, _, prob)) in enumerate(zip(labels, p["top"]), 1):
             lines.append(f"  {rank}. {label:<{width}}  {prob:.4f}")
     return "\n".join(lines)
+
+
+def _report(message: str) -> None:
+    """One ``error: ...`` line on stderr for a file that is skipped (`cli.fail` would exit)."""
+    print(f"error: {message}", file=sys.stderr)
+
+
+def _existing_files(paths: Sequence[str]) -> list[str]:
+    """The paths that are files; each other one reported.  Checked before the (slow) model load."""
+    existing = []
+    for path in paths:
+        if os.path.isfile(path):
+            existing.append(path)
+        else:
+            _report(f"no such image file: {path}")
+    return existing
 
 
 def main(argv: list[str]) -> None:
@@ -132,21 +309,29 @@ def main(argv: list[str]) -> None:
         cli.fail("no images given: python -m skipnet_jax.predict --workdir DIR IMAGE [IMAGE ...]")
     evaluate.quiet_libraries()
     try:
-        missing = [p for p in paths if not os.path.isfile(p)]
-        if missing:
-            raise ConfigError(f"no such image file: {', '.join(missing)}")
         if flags.FLAGS.top_k < 1:
             raise ConfigError(f"--top_k={flags.FLAGS.top_k} must be >= 1")
+        existing = _existing_files(paths)
+        if not existing:
+            sys.exit(2)
         loaded = evaluate.load_model(flags.FLAGS.workdir, evaluate.config_from_flags())
-        predictions = predict(loaded, paths, top_k=flags.FLAGS.top_k)
+        predictions = predict(loaded, existing, top_k=flags.FLAGS.top_k)
     except (ConfigError, OSError) as e:
         cli.fail(str(e))
+    for p in predictions:
+        if "error" in p:
+            _report(p["error"])
+    predicted = sum("error" not in p for p in predictions)
+    if not predicted:
+        sys.exit(2)
     where = f"step {loaded.step}" if loaded.step is not None else "converted"
     print(
-        f"# {loaded.config.model} ({where}{', EMA' if loaded.use_ema else ''}), "
-        f"{loaded.config.image_size} px, {loaded.num_classes} classes"
+        f"# {loaded.config.model} ({where}{', EMA' if loaded.use_ema else ''}), {loaded.num_classes} classes, "
+        f"{loaded.config.dataset} eval preprocessing: {describe_preprocessing(preprocessing_record(loaded.config))}"
     )
     print(format_predictions(predictions))
+    if predicted < len(paths):
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
+import torch  # the test extra installs it; a missing install must fail, not skip
 
 from skipnet_jax import convert
 from skipnet_jax.models import create_model
@@ -245,6 +245,35 @@ def test_cli_round_trip(tmp_path, state_dict, variables):
     restored, meta = convert.load_variables(out)
     _assert_same_arrays(restored, variables)
     assert meta == {**meta, "model": "skipnet_m", "num_classes": 1000, "source": str(pth)}
+    # The release's input: ImageNet's eval preprocessing at 224 px, as the eval pipeline defines it.
+    from skipnet_jax.data import pipeline
+
+    assert meta["dataset"] == "imagenet2012"
+    assert meta["preprocessing"] == {
+        "mode": "inception",
+        "image_size": 224,
+        "resize_shorter_side": 256,
+        "crop": "center",
+        "mean": list(pipeline.IMAGENET_MEAN),
+        "std": list(pipeline.IMAGENET_STD),
+    }
+    assert "imagenet2012 at 224 px" in r.stdout
+
+
+def test_convert_file_checks_the_dataset(tmp_path):
+    pth = tmp_path / "seven.pth"
+    torch.save(TorchSkipNet("small", 0.5, num_classes=7).state_dict(), pth)
+    out = tmp_path / "out"
+    with pytest.raises(
+        convert.ConversionError,
+        match=r"the checkpoint has 7 classes but dataset='imagenet2012' has 1000; pass --dataset=",
+    ):
+        convert.convert_file(str(pth), str(out), model_name="skipnet_xs")
+    with pytest.raises(convert.ConversionError, match=r"--image_size=16 is not valid; .* >= 32"):
+        convert.convert_file(str(pth), str(out), model_name="skipnet_xs", image_size=16)
+    with pytest.raises(convert.ConversionError, match="not_a_dataset"):
+        convert.convert_file(str(pth), str(out), model_name="skipnet_xs", dataset="not_a_dataset")
+    assert not out.exists()
 
 
 def test_cli_missing_file(tmp_path):

@@ -16,7 +16,7 @@ from conftest import REPO_ROOT, tiny_digits_config
 
 from skipnet_jax import convert, evaluate, export, plots, predict, train
 from skipnet_jax.config_validation import ConfigError
-from skipnet_jax.data import pipeline
+from skipnet_jax.data import pipeline, preprocess
 
 NUM_STEPS = 30
 PARITY_ATOL = 1e-4
@@ -161,12 +161,28 @@ def test_evaluate_matches_training_and_writes_files(run, loaded):
 def test_evaluate_converted_dir_equals_workdir(run, loaded, tmp_path):
     _, config, results = run
     converted = convert.save_variables(
-        jax.device_get(loaded.variables), str(tmp_path / "converted"), model_name=config.model, num_classes=10
+        jax.device_get(loaded.variables),
+        str(tmp_path / "converted"),
+        model_name=config.model,
+        num_classes=10,
+        data_config=config,
     )
-    out = evaluate.evaluate_workdir(converted, config)
+    # The run's dataset and eval preprocessing (32 px, not the default 224) travel with the
+    # weights; only the machine-local data_dir is given.
+    own = evaluate.load_config(converted)
+    assert (own.dataset, own.image_size) == ("digits", 32)
+    own.data_dir = config.data_dir
+    out = evaluate.evaluate_workdir(converted, own)
     assert out["weights"] == "converted" and out["step"] is None and not out["used_ema"]
     assert (out["eval_top1"], out["eval_top5"]) == (results["eval_top1"], results["eval_top5"])
     assert out["eval_loss"] == pytest.approx(results["eval_loss"], rel=1e-5)
+    assert out["preprocessing"] == {
+        "mode": "simple",
+        "image_size": 32,
+        "crop": "center_square",
+        "mean": list(preprocess.DIGITS_MEAN),
+        "std": list(preprocess.DIGITS_STD),
+    }
     assert os.path.exists(os.path.join(converted, "eval_results.json"))
 
 
@@ -247,6 +263,8 @@ def test_export_tflite_parity(loaded, eval_images, tmp_path, sharpen):
     path = str(tmp_path / "model.tflite")
     summary = export.export(model, "tflite", path, batch_size=4)
     assert summary["bytes"] == os.path.getsize(path)
+    assert summary["preprocessing"] == predict.preprocessing_record(loaded.config)
+    assert summary["preprocessing"]["image_size"] == summary["input"][1][1] == 32
     got = export.run_tflite(path, images[:10])  # 10 images: the last batch of 4 is padded
     want = model.logits(images)[:10]
     assert got.shape == (10, 10)
@@ -263,6 +281,7 @@ def test_export_onnx_cli_parity(run, loaded, eval_images, digit_files, tmp_path)
     result = _run("export", f"--workdir={workdir}", "--format=onnx", f"--output={path}", "--batch_size=8")
     assert result.returncode == 0, result.stderr
     assert "EMA weights" in result.stdout and "folded into convolutions: yes" in result.stdout
+    assert "preprocessing (digits eval): centre square, resize to 32, mean (0.3054, 0.3054, 0.3054)" in result.stdout
     import onnx
 
     model = onnx.load(path)
