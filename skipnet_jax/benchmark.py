@@ -285,7 +285,7 @@ def torch_device(name: str) -> str:
     Resolved before anything is built, so an unusable device is one ``error:`` line, not a
     traceback after minutes of JAX compilation.
     """
-    import torch
+    import torch  # optional, only for the PyTorch comparison
 
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
@@ -322,7 +322,7 @@ def torch_side(
     """
     import contextlib
 
-    import torch
+    import torch  # optional, only for the PyTorch comparison
     from torch.nn import functional as F
 
     from skipnet_jax.reference import torch_bias_loss, torch_skipnet

@@ -31,7 +31,7 @@ class OneLineArgumentParser(argparse.ArgumentParser):
 def parse_absl_flags(argv: list[str]) -> list[str]:
     """absl's parser for ``app.run(main, flags_parser=...)``, every bad flag or
     ``--config.KEY=VALUE`` override reported as one line."""
-    from absl import flags
+    from absl import flags  # argparse-only tools need not import absl
 
     from skipnet_jax import config_validation
 

@@ -259,7 +259,7 @@ def check_reusable(configs: dict, workdir: str) -> None:
 
 def run_comparison(config, workdir: str, losses, num_seeds: int, title: str) -> dict:
     """Trains (or reuses) every run, then writes the three comparison files; returns the summary."""
-    from skipnet_jax import train
+    from skipnet_jax import train  # heavy; not needed to parse flags
 
     seeds = [config.seed + k for k in range(num_seeds)]
     configs = run_configs(config, losses, seeds)

@@ -185,6 +185,12 @@ def validate_config(config: ml_collections.ConfigDict, *, device_count: int, mod
     _check(config, "skip_nonfinite_steps", lambda v: isinstance(v, bool), "True or False")
     _check(
         config,
+        "max_abs_weight",
+        lambda v: _is_number(v) and math.isfinite(v) and v >= 0,
+        "a finite number >= 0 (0: no bound)",
+    )
+    _check(
+        config,
         "init_from",
         lambda v: v is None or (isinstance(v, str) and os.path.isdir(v)),
         "None or an existing directory written by skipnet_jax.convert",

@@ -124,6 +124,11 @@ def get_default_config() -> ml_collections.ConfigDict:
     c.eval_every_steps = 0  # 0: evaluate only at the end
     c.checkpoint_every_steps = 500  # also saved at the end of training and on SIGTERM
     c.skip_nonfinite_steps = False  # False: a NaN/Inf loss or gradient stops training (exit != 0)
+    # A step that would make any weight larger in magnitude than this has diverged, like a NaN
+    # loss (it stops training, or is skipped with skip_nonfinite_steps): a too-high learning rate
+    # blows weights up for a few finite steps before anything overflows, and a checkpoint of such
+    # weights could not be resumed. Trained weights are far below it. 0: no bound.
+    c.max_abs_weight = 1e4
     # Directory written by `python -m skipnet_jax.convert` (e.g. the released SkipNet-M weights)
     # to start from when the workdir has no checkpoint yet; None = random initialisation.
     c.init_from = ml_collections.config_dict.placeholder(str)

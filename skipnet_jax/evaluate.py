@@ -303,7 +303,7 @@ def _load_checkpoint(workdir: str, config: ml_collections.ConfigDict) -> LoadedM
     )
     manager = checkpointing.create_manager(workdir, keep=config.keep_checkpoints)
     try:
-        state = checkpointing.restore_latest(manager, abstract_state)
+        state = checkpointing.restore_latest(manager, abstract_state, quarantine=False)  # read-only: moves nothing
     except checkpointing.CheckpointMismatchError as e:
         raise ConfigError(str(e)) from None
     finally:

@@ -6,6 +6,7 @@ valid choices, exit code 2, and nothing written to the workdir.
 """
 
 import os
+import sys
 
 # TensorFlow (used only for tf.data) prints C++ start-up notices unless told not to.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -69,8 +70,13 @@ def main(argv):
         train.train_and_evaluate(config, FLAGS.workdir)
     except config_validation.ConfigError as e:  # found once the dataset is opened
         cli.fail(str(e))
-    except train.Preempted as e:
-        logging.warning("%s", e)  # a clean stop: exit code 0, the next start resumes
+    except train.Preempted as e:  # a clean stop; the next start resumes
+        logging.warning("%s", e)
+        if e.interrupted:
+            sys.exit(130)  # Ctrl-C: the shell's convention for a run stopped by SIGINT
+    except KeyboardInterrupt:  # a second Ctrl-C, or one outside the training loop; saves are finished
+        print("interrupted; the checkpoints already saved are kept, rerun the same command to resume", file=sys.stderr)
+        sys.exit(130)
     except (train.NonFiniteLossError, train.BadImageError) as e:
         logging.error("%s", e)
         cli.fail(str(e))

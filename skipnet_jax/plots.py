@@ -31,13 +31,14 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from skipnet_jax.default_config import get_default_config
 from skipnet_jax.reporting import CONFIG_FILE
 
 PLOTS_SUBDIR = "plots"
 SNAPSHOTS_FILE = "bias_snapshots.npz"
 EVAL_RESULTS_FILE = "eval_results.json"
-DEFAULT_ALPHA = 0.3
-DEFAULT_BETA = 0.3
+DEFAULT_ALPHA = get_default_config().bias_loss.alpha
+DEFAULT_BETA = get_default_config().bias_loss.beta
 PAPER_VARIANCES = (0.0, 0.25, 0.5, 0.75, 1.0)
 _DPI = 110
 
@@ -424,12 +425,12 @@ def save_figure(fig: Figure, path: str) -> str:
 
 
 def _loss_params(workdir: str) -> tuple[float, float]:
+    """The run's bias-loss alpha and beta (the schema's where its config.json lacks or garbles them)."""
     try:
         with open(os.path.join(workdir, CONFIG_FILE)) as f:
-            config = json.load(f)
-        bias = config.get("bias_loss", {})
-        return float(bias.get("alpha", DEFAULT_ALPHA)), float(bias.get("beta", DEFAULT_BETA))
-    except (OSError, ValueError, AttributeError, TypeError):
+            bias = json.load(f)["bias_loss"]
+        return float(bias["alpha"]), float(bias["beta"])
+    except (OSError, ValueError, KeyError, TypeError):
         return DEFAULT_ALPHA, DEFAULT_BETA
 
 

@@ -86,7 +86,7 @@ class ProgressReporter:
         """Adds PNG files (e.g. WORKDIR/plots/*.png) to TensorBoard as images ``plots/<name>``."""
         if not self._writer:
             return
-        from matplotlib import image as mpimg
+        from matplotlib import image as mpimg  # only when there are plots
 
         for name, path in png_paths.items():
             rgb = (mpimg.imread(path)[..., :3] * 255).round().astype("uint8")

@@ -61,13 +61,13 @@ def _report_bad_files(runs: list[tuple[str, ...]], seen: set[str], config, where
     we only decide whether that is acceptable.  An example for which every try
     failed stops the run whatever the config: it was filled with a blank image.
     """
-    from skipnet_jax.data import pipeline
+    from skipnet_jax.data import pipeline  # tf.data only where data is read
 
     for path in (path for run in runs for path in run):
         if path in seen:
             continue
         seen.add(path)
-        if config.data.get("bad_images", "skip") == "error":
+        if config.data.bad_images == "error":
             raise BadImageError(
                 f"cannot decode image file {path!r} ({where}); fix or remove it, or set"
                 " --config.data.bad_images=skip to skip unreadable files"
@@ -127,9 +127,10 @@ def _ema_update(ema, new, decay):
 def train_step(state: TrainState, batch, *, model, tx, learning_rate_fn, config) -> tuple[TrainState, dict]:
     """One optimisation step on a (global) batch; returns the new state and scalar metrics.
 
-    A step whose loss or gradient is not finite leaves everything but the step
-    counter unchanged and reports `finite = False`, so the loop can stop with
-    the last good weights (or skip the batch, if configured to).
+    A step whose loss or gradient is not finite, or that would take a weight beyond
+    ``config.max_abs_weight``, leaves everything but the step counter unchanged and
+    reports `finite = False`, so the loop can stop with the last good weights (or skip
+    the batch, if configured to).
     """
     dropout_rng = jax.random.fold_in(jax.random.fold_in(jax.random.key(config.seed), _DROPOUT_STREAM), state.step)
     labels = batch["label"]
@@ -175,7 +176,10 @@ def train_step(state: TrainState, batch, *, model, tx, learning_rate_fn, config)
             ema_params=_ema_update(state.ema_params, params, decay),
             ema_batch_stats=_ema_update(state.ema_batch_stats, batch_stats, decay),
         )
-    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    max_abs_weight = jnp.max(jnp.stack([jnp.max(jnp.abs(p)) for p in jax.tree.leaves(params)]))
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(max_abs_weight)
+    if config.max_abs_weight > 0:
+        finite &= max_abs_weight <= config.max_abs_weight
     new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state)
     new_state = new_state.replace(step=state.step + 1)  # the data position advances either way
 
@@ -186,6 +190,8 @@ def train_step(state: TrainState, batch, *, model, tx, learning_rate_fn, config)
         # The rate this step's update used: the optimiser's count skips discarded steps.
         "learning_rate": learning_rate_fn(optim.schedule_count(state.opt_state)),
         "grad_norm": grad_norm,
+        # The largest |weight| this step produced (kept only if the step is accepted).
+        "max_abs_weight": max_abs_weight,
         "finite": finite,
     }
     if config.loss == "bias":
@@ -243,7 +249,7 @@ def eval_step(state: TrainState, batch, *, model, use_ema: bool) -> dict:
 def evaluate(jitted_eval_step, state, config, data_sharding) -> tuple[dict[str, float], np.ndarray]:
     """Top-1/top-5/loss over the full eval split (padded examples masked out) and the
     ``int64 [C, C]`` confusion matrix (rows: true class)."""
-    from skipnet_jax.data import pipeline
+    from skipnet_jax.data import pipeline  # tf.data only where data is read
 
     totals = None
     iterator = pipeline.create_eval_iterator(
@@ -288,8 +294,16 @@ def _config_change(workdir: str, config) -> str:
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-    """Trains (resuming from WORKDIR/checkpoints if present), evaluates, writes results.json."""
-    from skipnet_jax.data import pipeline
+    """Trains (resuming from WORKDIR/checkpoints if present), evaluates, writes results.json.
+
+    One training run per workdir: while this one runs, another started there fails at
+    once (`checkpointing.workdir_lock`)."""
+    with contextlib.ExitStack() as held:  # the workdir lock, taken once the workdir exists; released on any exit
+        return _train_and_evaluate(config, workdir, held)
+
+
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, held: contextlib.ExitStack) -> dict[str, Any]:
+    from skipnet_jax.data import pipeline  # tf.data only where data is read
 
     wall_start = time.time()
     try:
@@ -299,24 +313,28 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     num_classes = check_num_classes(config, info.num_classes)
     steps_per_epoch, num_train_steps = optim.steps_for(config, info.num_train_examples)
     is_chief = jax.process_index() == 0
-    try:
-        os.makedirs(workdir, exist_ok=True)
-    except OSError as e:  # e.g. under /proc, or a parent another process just removed
-        raise ConfigError(f"--workdir={workdir!r} cannot be created: {e.strerror or e}") from e
 
     model = create_model(config, num_classes)
     learning_rate_fn = optim.create_learning_rate_fn(config, steps_per_epoch, num_train_steps)
     tx = optim.create_optimizer(config, learning_rate_fn)
     mesh = sharding.create_mesh()
     replicated, data_sharding = sharding.replicated(mesh), sharding.batch_sharded(mesh)
-
     init_fn = functools.partial(create_train_state, config, model, tx)
+    # Shapes only: a resumed run never pays for compiling the initialisation.
+    abstract_state = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), jax.eval_shape(init_fn)
+    )
+    # Checked before anything is written: a wrong init_from leaves no workdir behind.
+    initial_weights = _load_initial_weights(config.init_from, abstract_state) if config.init_from else None
+
+    try:
+        os.makedirs(workdir, exist_ok=True)
+    except OSError as e:  # e.g. under /proc, or a parent another process just removed
+        raise ConfigError(f"--workdir={workdir!r} cannot be created: {e.strerror or e}") from e
+    held.enter_context(checkpointing.workdir_lock(workdir))  # before this run writes anything into the workdir
     manager = checkpointing.create_manager(workdir, keep=config.keep_checkpoints)
-    try:  # shapes only: a resumed run never pays for compiling the initialisation
-        abstract_state = jax.tree.map(
-            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), jax.eval_shape(init_fn)
-        )
-        restored = checkpointing.restore_latest(manager, abstract_state)
+    try:  # damaged checkpoints are moved aside; no readable one left (but some were there) stops the run
+        restored = checkpointing.restore_latest(manager, abstract_state, quarantine=True)
     except checkpointing.CheckpointMismatchError as e:
         raise ConfigError(_config_change(workdir, config) + str(e)) from e
     if restored is not None:
@@ -324,8 +342,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         logging.info("Resumed from %s at step %d", checkpointing.checkpoint_dir(workdir), int(state.step))
     else:
         state = jax.jit(init_fn, out_shardings=replicated)()
-        if config.init_from:
-            state = jax.device_put(_initialize_from(state, config.init_from), replicated)
+        if initial_weights is not None:
+            state = jax.device_put(_with_initial_weights(state, initial_weights), replicated)
             logging.info("Initialised weights from %s", config.init_from)
     start_step = int(state.step)
     if start_step >= num_train_steps:
@@ -409,10 +427,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         unfetched.clear()
         for completed, metrics in jax.device_get(wanted):
             if not bool(metrics["finite"]):
-                message = _non_finite_message(metrics, completed - 1)
+                message = _diverged_message(metrics, completed - 1, config.max_abs_weight)
                 if not config.skip_nonfinite_steps:
                     manager.wait_until_finished()  # the last good checkpoint is complete before we stop
-                    raise NonFiniteLossError(message)
+                    raise NonFiniteLossError(f"{message}; {_how_to_resume(manager)}")
                 logging.warning("%s; skipped that batch (skip_nonfinite_steps=True)", message)
                 skipped.append(completed - 1)
                 continue
@@ -424,7 +442,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             reporter.record(completed, last_metrics)
 
     batches = sharding.prefetch_to_device(checked_batches(), data_sharding, DEVICE_PREFETCH)
-    with PreemptionWatcher() as preemption, _finish_saves_on(BadImageError, manager):
+    with PreemptionWatcher() as preemption, _finish_saves_on((BadImageError, KeyboardInterrupt), manager):
         for completed, batch in enumerate(batches, start=start_step + 1):
             state, metrics = jitted_train_step(state, batch)
             unfetched.append((completed, metrics))
@@ -457,9 +475,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             if preempted:
                 manager.wait_until_finished()
                 logging.warning(
-                    "Preempted: checkpoint at step %d is saved; rerun the same command to resume.", completed
+                    "%s: checkpoint at step %d is saved; rerun the same command to resume.",
+                    "Interrupted" if preemption.interrupted else "Preempted",
+                    completed,
                 )
-                raise Preempted(completed)
+                raise Preempted(completed, interrupted=preemption.interrupted)
             if evaluate_now:
                 reporter.write_eval(completed, evaluate(jitted_eval_step, state, config, data_sharding)[0])
         fetch_metrics()
@@ -550,22 +570,41 @@ def _finish_saves_on(error_type, manager):
         raise
 
 
-def _non_finite_message(metrics: dict, step: int) -> str:
+def _diverged_message(metrics: dict, step: int, max_abs_weight: float) -> str:
+    """Why step `step` was rejected: a NaN/Inf, or weights pushed past ``config.max_abs_weight``."""
+    loss, grad_norm, weight = (float(metrics[k]) for k in ("loss", "grad_norm", "max_abs_weight"))
+    if np.isfinite(loss) and np.isfinite(grad_norm) and np.isfinite(weight):
+        what = (
+            f"diverging weights at step {step} (the update would make a weight {weight:.3g} in magnitude, "
+            f"beyond config.max_abs_weight={max_abs_weight:g}; loss={loss}, grad_norm={grad_norm})"
+        )
+    else:
+        what = f"non-finite loss or gradient at step {step} (loss={loss}, grad_norm={grad_norm})"
+    return f"{what}; the weights were not updated"
+
+
+def _how_to_resume(manager) -> str:
+    """Names the checkpoint a rerun resumes from (every saved one predates the rejected step)."""
+    step = manager.latest_step()
+    if step is None:
+        return "no checkpoint was saved yet: fix the config (e.g. a lower --config.learning_rate) and rerun"
+    path = os.path.join(str(manager.directory), str(step))
     return (
-        f"non-finite loss or gradient at step {step} (loss={float(metrics['loss'])}, "
-        f"grad_norm={float(metrics['grad_norm'])}); the weights were not updated and the last checkpoint is kept"
+        f"last good checkpoint: {path} (step {step}); rerun the same command with a fix "
+        "(e.g. a lower --config.learning_rate) to resume from it"
     )
 
 
-def _initialize_from(state: TrainState, directory: str) -> TrainState:
-    """Weights (and BN statistics) from a converted checkpoint (`python -m skipnet_jax.convert`)."""
-    from skipnet_jax import convert
+def _load_initial_weights(directory: str, abstract_state: TrainState) -> dict:
+    """``{"params", "batch_stats"}`` of a converted checkpoint (`python -m skipnet_jax.convert`),
+    checked against the configured model's shapes."""
+    from skipnet_jax import convert  # only needed for init_from
 
     try:
         variables, meta = convert.load_variables(directory)
     except convert.ConversionError as e:
         raise ConfigError(f"config.init_from={directory!r}: {e}") from e
-    wanted = {"params": state.params, "batch_stats": state.batch_stats}
+    wanted = {"params": abstract_state.params, "batch_stats": abstract_state.batch_stats}
     got = {k: variables.get(k, {}) for k in wanted}
     if jax.tree.structure(got) != jax.tree.structure(wanted) or any(
         a.shape != b.shape for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(wanted))
@@ -574,7 +613,12 @@ def _initialize_from(state: TrainState, directory: str) -> TrainState:
             f"config.init_from={directory!r} holds {meta.get('model')} with {meta.get('num_classes')} classes, "
             "which does not fit the configured model/num_classes"
         )
-    params, batch_stats = got["params"], got["batch_stats"]
+    return got
+
+
+def _with_initial_weights(state: TrainState, weights: dict) -> TrainState:
+    """`state` with the weights and BN statistics of `_load_initial_weights` (EMA copies too)."""
+    params, batch_stats = weights["params"], weights["batch_stats"]
     return state.replace(
         params=params,
         batch_stats=batch_stats,
@@ -585,40 +629,55 @@ def _initialize_from(state: TrainState, directory: str) -> TrainState:
 
 
 class Preempted(Exception):
-    """Training stopped early on request (SIGTERM / preemption notice) after saving a checkpoint."""
+    """Training stopped early on request (SIGTERM, preemption notice or Ctrl-C) after saving a
+    checkpoint. `interrupted`: the request was Ctrl-C (SIGINT), which the command line reports
+    with exit status 130 so a shell script does not carry on as if training had finished."""
 
-    def __init__(self, step: int):
-        super().__init__(f"preempted at step {step}; checkpoint saved")
+    def __init__(self, step: int, *, interrupted: bool = False):
+        super().__init__(f"{'interrupted' if interrupted else 'preempted'} at step {step}; checkpoint saved")
         self.step = step
+        self.interrupted = interrupted
 
 
 class PreemptionWatcher:
-    """Turns SIGTERM into a request to checkpoint and stop at the next step boundary.
+    """Turns SIGTERM, and Ctrl-C (SIGINT) in a single-process run, into a request to checkpoint
+    and stop at the next step boundary.
 
-    In a multi-process run every process must stop at the same step, so the
-    decision comes from orbax/JAX's preemption sync (`reached_preemption`), which
-    agrees on a step across hosts; a single process just uses the signal.
+    A second Ctrl-C stops at once (KeyboardInterrupt; pending saves still finish, see
+    `_finish_saves_on`). In a multi-process run every process must stop at the same step, so the
+    decision comes from orbax/JAX's preemption sync (`reached_preemption`), which agrees on a step
+    across hosts; there SIGINT keeps Python's default (a process stopped alone cannot agree on a
+    step with the others).
     """
 
     def __init__(self):
-        self._signalled = False
-        self._previous = None
+        self._signum: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    @property
+    def interrupted(self) -> bool:
+        return self._signum == signal.SIGINT
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
+            signals = [signal.SIGTERM] + ([signal.SIGINT] if jax.process_count() == 1 else [])
+            self._previous = {signum: signal.signal(signum, self._handle) for signum in signals}
         return self
 
     def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)
         return False
 
     def _handle(self, signum, frame):
-        logging.warning("SIGTERM received: saving a checkpoint at the end of this step, then stopping.")
-        self._signalled = True
+        if signum == signal.SIGINT and self.interrupted:
+            raise KeyboardInterrupt
+        name = "Ctrl-C" if signum == signal.SIGINT else "SIGTERM"
+        again = " (Ctrl-C again: stop without saving)" if signum == signal.SIGINT else ""
+        logging.warning("%s received: saving a checkpoint at the end of this step, then stopping%s.", name, again)
+        self._signum = self._signum or signum
 
     def requested(self, manager, step: int) -> bool:
         if jax.process_count() > 1:
             return bool(manager.reached_preemption(step))
-        return self._signalled
+        return self._signum is not None

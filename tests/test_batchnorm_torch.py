@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
+import torch  # the test extra installs it; a missing install must fail, not skip
 
 from skipnet_jax.models import layers
 from skipnet_jax.models.layers import BatchNorm

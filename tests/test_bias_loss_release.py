@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
+import torch  # the test extra installs it; a missing install must fail, not skip
 
 from skipnet_jax.losses import bias_loss, init_bias_loss_state
 from skipnet_jax.reference.torch_bias_loss import TorchBiasLoss

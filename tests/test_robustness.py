@@ -118,13 +118,14 @@ def test_truncated_latest_checkpoint_falls_back_to_previous(uninterrupted, digit
 
 
 def test_nan_stops_with_the_step_and_keeps_the_last_checkpoint(digits_data_dir, tmp_path):
-    result = _run(
-        tmp_path, digits_data_dir, "--config.optimizer=sgd", "--config.learning_rate=1e30", "--config.loss=ce"
-    )
+    # No bound on the weights: the exploding weights overflow to a NaN loss.
+    nan = ("--config.optimizer=sgd", "--config.learning_rate=1e30", "--config.loss=ce", "--config.max_abs_weight=0")
+    result = _run(tmp_path, digits_data_dir, *nan)
     assert result.returncode == 2, result.stderr[-3000:]
     assert "Traceback" not in result.stderr
     (line,) = [text for text in result.stderr.splitlines() if text.startswith("error:")]
     assert "non-finite loss or gradient at step" in line
+    assert "last good checkpoint: " in line or "no checkpoint was saved yet" in line
     failed_step = int(line.split("at step ")[1].split()[0])
     assert all(step <= failed_step for step in _steps_saved(tmp_path))
     assert not any("tmp" in name for name in os.listdir(tmp_path / "checkpoints"))  # no half-written save
@@ -143,3 +144,38 @@ def test_checkpoint_of_another_model_is_refused(digits_data_dir, tmp_path):
     assert len(line) < 1000, line
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == before
     assert (tmp_path / "config.json").read_bytes() == saved_config  # the run's own config, for evaluate
+
+
+def test_ctrl_c_saves_exits_130_quietly_and_resumes(uninterrupted, digits_data_dir, tmp_path):
+    code, log = _run_until_step_then_signal(tmp_path, digits_data_dir, 5, signal.SIGINT)
+    assert code == 130, log[-3000:]
+    assert "Traceback" not in log and "Exception" not in log, log[-3000:]
+    assert "Interrupted: checkpoint at step" in log
+    saved = _steps_saved(tmp_path)
+    assert saved and 5 <= saved[-1] < STEPS
+    assert not any("tmp" in name for name in os.listdir(tmp_path / "checkpoints"))  # the save was finished
+    result = _run(tmp_path, digits_data_dir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"at step {saved[-1]}" in result.stderr
+    assert _results(tmp_path) == uninterrupted
+
+
+def test_exploding_weights_stop_before_any_checkpoint_holds_them(digits_data_dir, tmp_path):
+    # Warm-up from 0: step 0 trains at lr 0 and is checkpointed; the next one would blow the
+    # weights up to ~1e29 while staying finite, so only a bound on the weights can catch it.
+    diverging = ("--config.optimizer=sgd", "--config.learning_rate=1e30", "--config.loss=ce",
+                 "--config.warmup_epochs=0.2", "--config.checkpoint_every_steps=1")  # fmt: skip
+    result = _run(tmp_path, digits_data_dir, *diverging)
+    assert result.returncode == 2, result.stderr[-3000:]
+    (line,) = [text for text in result.stderr.splitlines() if text.startswith("error:")]
+    last_good = _steps_saved(tmp_path)[-1]
+    assert f"last good checkpoint: {tmp_path / 'checkpoints' / str(last_good)}" in line, line
+    assert "--config.learning_rate" in line
+    # Resuming it with a sane learning rate finishes: the checkpoint holds usable weights.
+    result = _run(
+        tmp_path, digits_data_dir, "--config.optimizer=sgd", "--config.learning_rate=0.01", "--config.loss=ce"
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"at step {last_good}" in result.stderr
+    with open(tmp_path / "results.json") as f:
+        assert json.load(f)["train_loss"] < 10

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
+import torch  # the test extra installs it; a missing install must fail, not skip
 from torch import nn
 from torch.nn import functional as F
 

@@ -1,5 +1,6 @@
 """End-to-end training on the bundled digits: results, checkpoints, exact resume, options."""
 
+import functools
 import json
 import os
 import shutil
@@ -115,6 +116,106 @@ def test_cross_entropy_ema_bf16_rmsprop(digits_data_dir, tmp_path):
     results = train.train_and_evaluate(config, str(tmp_path))
     assert results["steps"] == 3 and results["loss"] == "ce"
     assert np.isfinite(results["eval_loss"])
+
+
+def _one_step(config, seed=0):
+    """A fresh state, one jitted train step on a fixed random batch, and that batch."""
+    model = train.create_model(config, num_classes=10)
+    tx = optim.create_optimizer(config, optax.constant_schedule(config.learning_rate))
+    state = train.create_train_state(config, model, tx)
+    rng = np.random.default_rng(seed)
+    batch = {
+        "image": jnp.asarray(rng.normal(size=(8, 32, 32, 3)), jnp.float32),
+        "label": jnp.asarray(rng.integers(0, 10, size=8), jnp.int32),
+    }
+    step = functools.partial(
+        train.train_step, model=model, tx=tx, learning_rate_fn=optax.constant_schedule(0.0), config=config
+    )
+    return model, state, batch, jax.jit(step)
+
+
+def test_ema_label_smoothing_and_bf16_take_effect():
+    config = tiny_digits_config(
+        "/nonexistent", loss="ce", ema_decay=0.99, label_smoothing=0.1, optimizer="sgd", learning_rate=0.3
+    )
+    model, state, batch, step = _one_step(config)
+    new_state, metrics = step(state, batch)
+    # EMA with the warm-up decay of step 0: min(0.99, 1/10) of the old weights, the rest new.
+    expected_ema = jax.tree.map(lambda old, new: 0.1 * old + 0.9 * new, state.params, new_state.params)
+    chex.assert_trees_all_close(new_state.ema_params, expected_ema, rtol=1e-6, atol=1e-7)
+    assert not jax.tree.all(jax.tree.map(lambda a, b: bool(jnp.all(a == b)), new_state.ema_params, state.params))
+    # Label smoothing: the loss is the cross-entropy against (1 - 0.1) one-hot + 0.1 / 10. A few
+    # steps on the batch first, so the predictions are far from uniform (where both losses agree).
+    for _ in range(3):
+        state, metrics = step(new_state, batch)
+        new_state, metrics = step(state, batch)
+    variables = {"params": state.params, "batch_stats": state.batch_stats}
+    dropout = _dropout_key(config, int(state.step))
+    (logits, _), _ = jax.jit(
+        lambda v, x: model.apply(v, x, train=True, mutable=["batch_stats"], rngs={"dropout": dropout})
+    )(variables, batch["image"])
+    smoothed = optax.smooth_labels(jax.nn.one_hot(batch["label"], 10), 0.1)
+    chex.assert_trees_all_close(metrics["loss"], optax.softmax_cross_entropy(logits, smoothed).mean(), rtol=1e-5)
+    plain = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]).mean()
+    assert abs(float(metrics["loss"]) - float(plain)) > 1e-3
+    # bfloat16 compute: the step's convolutions and matmuls run in bf16; float32's do not.
+    assert "bf16" not in _matmul_dtypes(step, state, batch)
+    config.dtype = "bfloat16"
+    _, state16, batch16, step16 = _one_step(config)
+    assert "bf16" in _matmul_dtypes(step16, state16, batch16)
+
+
+def _dropout_key(config, step):
+    return jax.random.fold_in(jax.random.fold_in(jax.random.key(config.seed), train._DROPOUT_STREAM), step)
+
+
+def _matmul_dtypes(step, state, batch) -> set[str]:
+    """Element types named on the convolution and matrix-product lines of the step's program."""
+    lines = [
+        line
+        for line in step.lower(state, batch).as_text().splitlines()
+        if "convolution" in line or "dot_general" in line
+    ]
+    return {dtype for dtype in ("bf16", "f32") if any(dtype in line for line in lines)}
+
+
+def test_a_step_that_would_explode_the_weights_is_rejected():
+    config = tiny_digits_config("/nonexistent", loss="ce", optimizer="sgd", learning_rate=1e8, max_abs_weight=1e4)
+    _, state, batch, step = _one_step(config)
+    new_state, metrics = step(state, batch)
+    assert not bool(metrics["finite"]) and np.isfinite(float(metrics["loss"]))
+    assert float(metrics["max_abs_weight"]) > 1e4  # what the update would have made
+    chex.assert_trees_all_equal(new_state.params, state.params)
+    # The same step with the bound off goes through (finite, absurd weights).
+    config.max_abs_weight = 0.0
+    _, state, batch, step = _one_step(config)
+    new_state, metrics = step(state, batch)
+    assert bool(metrics["finite"]) and float(metrics["max_abs_weight"]) > 1e4
+
+
+def test_init_from_is_checked_before_the_workdir_exists_and_then_used(digits_data_dir, tmp_path):
+    from skipnet_jax import convert
+    from skipnet_jax.config_validation import ConfigError
+
+    workdir = tmp_path / "run"
+    (tmp_path / "not_converted").mkdir()
+    config = tiny_digits_config(
+        digits_data_dir,
+        num_train_steps=1,
+        optimizer="sgd",
+        learning_rate=1e-9,
+        init_from=str(tmp_path / "not_converted"),
+    )
+    with pytest.raises(ConfigError, match=r"config\.init_from="):
+        train.train_and_evaluate(config, str(workdir))
+    assert not workdir.exists()
+    # A converted directory of the configured model: training starts from its weights.
+    model = train.create_model(config, num_classes=10)
+    variables = model.init(jax.random.key(123), jnp.zeros((1, 32, 32, 3)), train=False)
+    convert.save_variables(variables, tmp_path / "converted", model_name=config.model, num_classes=10)
+    config.init_from = str(tmp_path / "converted")
+    results = train.train_and_evaluate(config, str(workdir))
+    np.testing.assert_allclose(results["params_global_norm"], float(optax.global_norm(variables["params"])), rtol=1e-6)
 
 
 _STEP_SETUP_LR = optax.linear_schedule(1e-3, 2e-3, 10)
