@@ -75,10 +75,13 @@ def _subdirs(directory: str) -> list[str]:
 
 
 def _images(directory: str) -> list[str]:
+    """Image files directly in `directory`; a sub-directory named like an image is not one."""
     return sorted(
         entry
         for entry in tf.io.gfile.listdir(directory)
-        if not entry.startswith(".") and entry.lower().endswith(IMAGE_EXTENSIONS)
+        if not entry.startswith(".")
+        and entry.lower().endswith(IMAGE_EXTENSIONS)
+        and not tf.io.gfile.isdir(os.path.join(directory, entry))
     )
 
 
