@@ -26,7 +26,7 @@ import time
 
 import numpy as np
 import pytest
-from conftest import REPO_ROOT, tiny_digits_config
+from conftest import REPO_ROOT, tiny_digits_config, xla_flags
 
 from skipnet_jax import checkpointing
 from skipnet_jax.config_validation import ConfigError
@@ -371,7 +371,7 @@ def _free_port() -> int:
 def test_two_processes_agree_when_only_one_cannot_read_the_latest(workdir):
     address = f"127.0.0.1:{_free_port()}"
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
-    env.pop("XLA_FLAGS", None)
+    env["XLA_FLAGS"] = xla_flags(1)
     command = [sys.executable, "-c", _TWO_PROCESS_JOB, address]
     jobs = [
         subprocess.Popen(

@@ -6,7 +6,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, xla_flags
 
 
 def _snapshot(directory):
@@ -50,7 +50,7 @@ CASES = [
     (["--config.batch_size=0"], None, "config.batch_size=0 is not valid"),
     (
         ["--config.batch_size=12"],
-        {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"},
+        {"XLA_FLAGS": xla_flags(8)},
         "divisible by the number of devices (8)",
     ),
     (["--config.learning_rat=0.1"], None, "config key 'learning_rat'"),

@@ -52,7 +52,7 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, xla_flags
 
 LAUNCHER = os.path.join(REPO_ROOT, "launch", "local_multiprocess.sh")
 TIMEOUT_S = 1200
@@ -77,9 +77,7 @@ def _args(data_dir, workdir, steps):
 
 def _env(devices=1):
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHON=sys.executable)
-    env.pop("XLA_FLAGS", None)
-    if devices > 1:
-        env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    env["XLA_FLAGS"] = xla_flags(devices)
     return env
 
 

@@ -399,11 +399,13 @@ def test_cli_missing_imagenet_files_is_one_line(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
-def test_cli_imagenet_m_on_image_folder(image_folder, tmp_path):
+def test_cli_imagenet_recipe_on_image_folder(image_folder, tmp_path):
+    """The ImageNet recipe on an image folder (SkipNet-XS: SkipNet-M's own CLI run is the next test)."""
     workdir = tmp_path / "run"
     result = _cli(
         workdir,
         f"--config.dataset={image_folder}",
+        "--config.model=skipnet_xs",
         "--config.image_size=64",
         "--config.batch_size=4",
         "--config.eval_batch_size=4",
@@ -413,7 +415,7 @@ def test_cli_imagenet_m_on_image_folder(image_folder, tmp_path):
     with open(workdir / "results.json") as f:
         results = json.load(f)
     assert results["steps"] == 2 and results["eval_examples"] == 12
-    assert results["model"] == "skipnet_m" and results["dataset"] == image_folder
+    assert results["model"] == "skipnet_xs" and results["dataset"] == image_folder
     assert np.isfinite([results["train_loss"], results["eval_loss"], results["params_global_norm"]]).all()
     assert os.listdir(workdir / "checkpoints") == ["2"]
     with open(workdir / "config.json") as f:

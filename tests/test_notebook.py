@@ -16,7 +16,7 @@ import sys
 
 import nbclient
 import nbformat
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, xla_flags
 
 NOTEBOOK = os.path.join(REPO_ROOT, "notebooks", "skipnet_colab.ipynb")
 
@@ -30,7 +30,7 @@ def test_colab_notebook_runs_on_cpu(digits_data_dir, tmp_path, monkeypatch):
     for key, value in {
         "SKIPNET_NOTEBOOK_MODEL": "skipnet_xs", "SKIPNET_NOTEBOOK_STEPS": "12", "SKIPNET_NOTEBOOK_BATCH": "31",
         "SKIPNET_NOTEBOOK_DATA_DIR": digits_data_dir, "SKIPNET_NOTEBOOK_WORKDIR": str(workdir),
-        "TF_CPP_MIN_LOG_LEVEL": "3", "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+        "TF_CPP_MIN_LOG_LEVEL": "3", "XLA_FLAGS": xla_flags(2),
     }.items():  # fmt: skip
         monkeypatch.setenv(key, value)  # inherited by the kernel process
     notebook = nbformat.read(NOTEBOOK, as_version=4)
