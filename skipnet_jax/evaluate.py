@@ -55,9 +55,7 @@ from skipnet_jax import checkpointing, cli, convert, optim, reporting, sharding,
 from skipnet_jax.config_validation import ConfigError, check_num_classes
 from skipnet_jax.data import pipeline
 from skipnet_jax.default_config import RETIRED_KEYS, get_default_config
-from skipnet_jax.reporting import CONFIG_FILE
-
-EVAL_RESULTS_FILE = "eval_results.json"
+from skipnet_jax.reporting import CONFIG_FILE, EVAL_RESULTS_FILE
 
 __all__ = [
     "LoadedModel",

@@ -32,11 +32,10 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from skipnet_jax.default_config import get_default_config
-from skipnet_jax.reporting import CONFIG_FILE
+from skipnet_jax.reporting import CONFIG_FILE, EVAL_RESULTS_FILE
 
 PLOTS_SUBDIR = "plots"
 SNAPSHOTS_FILE = "bias_snapshots.npz"
-EVAL_RESULTS_FILE = "eval_results.json"
 DEFAULT_ALPHA = get_default_config().bias_loss.alpha
 DEFAULT_BETA = get_default_config().bias_loss.beta
 PAPER_VARIANCES = (0.0, 0.25, 0.5, 0.75, 1.0)

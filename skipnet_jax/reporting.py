@@ -110,6 +110,8 @@ RESULTS_FILE = "results.json"  # WORKDIR/results.json: the finished run's number
 # train metrics, skipped steps and files); results.json is built from it when the loop is not
 # re-run (a finished run, or one preempted at its last step).
 RUN_RECORD_FILE = "run_record.json"
+# WORKDIR/eval_results.json: written by `python -m skipnet_jax.evaluate`, never by training.
+EVAL_RESULTS_FILE = "eval_results.json"
 
 
 def finite_or_none(data):
