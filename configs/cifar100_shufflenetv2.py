@@ -26,17 +26,9 @@ a different unit layout and its factory builds the 1.0x widths (24, 116, 232, 46
 although the table says 0.5x. 1.0x widths here: `create_model("shufflenet_v2_x0_5",
 num_classes=100, stages_out_channels=(24, 116, 232, 464, 1024))`.
 
-Recipe (release): SGD momentum 0.9, weight decay 1e-4 on every parameter (BatchNorm and
-biases included, as PyTorch's SGD weight_decay), lr 0.1 for batch 128, 160 epochs, lr x0.1
-at epochs 80 and 122, no dropout, no warmup. Each epoch drops its incomplete last batch
-(`data.drop_remainder=True`, the release's DataLoader drop_last): 390 steps an epoch,
-62,400 steps, lr 0.01 from step 31,200 and 0.001 from step 47,580. Evaluation every 10
-epochs, a checkpoint every 5 (3,900 and 1,950 steps; both follow a batch-size override).
-The initialisation is PyTorch's default, drawn from JAX's RNG.
-
-Modern variants, each one override: `--config.weight_decay_mask=kernels` (decay only conv
-and dense kernels) and `--config.data.drop_remainder=False` (every example every epoch;
-an epoch is then ceil(50,000 / 128) = 391 steps, 62,560 in all).
+Recipe: the release's, defined once in `skipnet_jax.recipes.cifar100_config` (its module
+docstring gives every value: SGD, lr 0.1 at batch 128, 160 epochs of 390 steps, the lr drops,
+weight decay on every parameter, and the one-flag modern variants).
 
 Hardware assumed: one recent NVIDIA GPU (A100/H100 class) and >= 8 CPU cores for the
 tf.data input pipeline. Expected runtime: roughly 10-25 min for the 160 epochs, bound by

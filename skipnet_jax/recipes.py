@@ -35,7 +35,8 @@ mean/std.  Each epoch drops its incomplete last batch, as the release's DataLoad
 every 10 epochs and a checkpoint every 5, following batch-size overrides.
 ``--config.weight_decay_mask=kernels`` (no decay on BatchNorm and biases) and
 ``--config.data.drop_remainder=False`` (every example every epoch, 391 steps an epoch) are
-the common modern variants.
+the common modern variants.  The models' initialisation is PyTorch's default, drawn from
+JAX's RNG.
 """
 
 import ml_collections
