@@ -1,19 +1,18 @@
-"""Training and evaluation: small pure step functions and the loop that drives them.
+"""The training loop: data, checkpoints, logs and results.json around the jitted steps.
 
-`create_train_state`, `train_step` and `eval_step` are pure functions of
-arrays (jit-compiled over a data-parallel mesh); `train_and_evaluate` is the
-only place with side effects (data, checkpoints, logs, results.json).
+`train_and_evaluate` is the only place with side effects.  The pure step functions
+(`create_train_state`, `train_step`, `eval_step`, ...) live in `skipnet_jax.steps` and
+are re-exported here; `skipnet_jax.engine` builds the model, optimiser, mesh and jitted
+steps the loop runs, as evaluation, the benchmark and the accelerator check do.
 
-The step functions need no TensorFlow: the tf.data input pipeline is imported
-inside the functions that read data, so the models, the loss and the steps
-can be used in another training loop on a machine without TensorFlow.
+The tf.data input pipeline is imported inside the functions that read data, so
+importing this module needs no TensorFlow.
 """
 
 from __future__ import annotations
 
 import collections
 import contextlib
-import functools
 import json
 import os
 import signal
@@ -21,8 +20,6 @@ import threading
 import time
 from typing import Any
 
-import flax
-import flax.serialization
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -30,14 +27,27 @@ import numpy as np
 import optax
 from absl import logging
 
-from skipnet_jax import checkpointing, config_validation, losses, models, optim, plots, reporting, sharding
+from skipnet_jax import checkpointing, config_validation, optim, plots, reporting, sharding
 from skipnet_jax.config_validation import ConfigError, check_num_classes
+from skipnet_jax.engine import build_engine
 from skipnet_jax.reporting import CONFIG_FILE, ProgressReporter, write_results
 
-# Independent RNG streams derived from the seed; dropout folds in the step so a
-# resumed run draws exactly the masks an uninterrupted one would.
-_INIT_STREAM, _DROPOUT_STREAM = 0, 1
-PER_EXAMPLE = "per_example"  # train_step metrics entry with per-example arrays
+# The step layer, importable from here too: `skipnet_jax.train.train_step` etc. are the documented names.
+from skipnet_jax.steps import (  # noqa: F401 - re-exported
+    _DROPOUT_STREAM,
+    _INIT_STREAM,
+    PER_EXAMPLE,
+    StepOptions,
+    TrainState,
+    _ema_update,
+    compute_dtype,
+    create_model,
+    create_train_state,
+    eval_step,
+    halt_on_nonfinite,
+    train_step,
+)
+
 # Global batches transferred to the devices ahead of the step that uses them.
 DEVICE_PREFETCH = 2
 # Train steps the host may dispatch ahead of the device. Without a bound the host would queue a
@@ -79,171 +89,6 @@ def _report_bad_files(runs: list[tuple[str, ...]], seen: set[str], config, where
                 f"{len(run)} unreadable image files in a row from {run[0]!r} ({where});"
                 " is the dataset directory damaged?"
             )
-
-
-@flax.struct.dataclass
-class TrainState:
-    step: jax.Array
-    params: Any
-    batch_stats: Any
-    opt_state: Any
-    ema_params: Any  # {} when EMA is off
-    ema_batch_stats: Any
-    loss_state: Any  # running minimum of the "global" bias-loss normalisation
-
-
-def compute_dtype(config: ml_collections.ConfigDict):
-    return {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[config.dtype]
-
-
-def create_model(config: ml_collections.ConfigDict, num_classes: int):
-    return models.create_model(
-        config.model, num_classes=num_classes, dropout_rate=config.dropout_rate, dtype=compute_dtype(config)
-    )
-
-
-def create_train_state(config, model, tx: optax.GradientTransformation) -> TrainState:
-    """Initial parameters, BN statistics and optimiser state (a pure function of the seed)."""
-    rng = jax.random.fold_in(jax.random.key(config.seed), _INIT_STREAM)
-    images = jnp.zeros((1, config.image_size, config.image_size, 3), jnp.float32)
-    variables = model.init(rng, images, train=False)
-    params, batch_stats = variables["params"], variables.get("batch_stats", {})
-    use_ema = config.ema_decay > 0
-    return TrainState(
-        step=jnp.array(0, jnp.int32),
-        params=params,
-        batch_stats=batch_stats,
-        opt_state=tx.init(params),
-        ema_params=params if use_ema else {},
-        ema_batch_stats=batch_stats if use_ema else {},
-        loss_state=losses.init_bias_loss_state(),
-    )
-
-
-def _ema_update(ema, new, decay):
-    return jax.tree.map(lambda e, n: decay * e + (1.0 - decay) * n, ema, new)
-
-
-def train_step(state: TrainState, batch, *, model, tx, learning_rate_fn, config) -> tuple[TrainState, dict]:
-    """One optimisation step on a (global) batch; returns the new state and scalar metrics.
-
-    A step whose loss or gradient is not finite, or that would take a weight beyond
-    ``config.max_abs_weight``, leaves everything but the step counter unchanged and
-    reports `finite = False`, so the loop can stop with the last good weights (or skip
-    the batch, if configured to).
-    """
-    dropout_rng = jax.random.fold_in(jax.random.fold_in(jax.random.key(config.seed), _DROPOUT_STREAM), state.step)
-    labels = batch["label"]
-
-    def loss_fn(params):
-        (logits, aux), updates = model.apply(
-            {"params": params, "batch_stats": state.batch_stats},
-            batch["image"],
-            train=True,
-            mutable=["batch_stats"],
-            rngs={"dropout": dropout_rng},
-        )
-        targets = labels
-        if config.label_smoothing > 0:
-            targets = optax.smooth_labels(jax.nn.one_hot(labels, logits.shape[-1]), config.label_smoothing)
-        if config.loss == "bias":
-            loss, loss_state, loss_aux = losses.bias_loss(
-                logits,
-                targets,
-                aux["features"],
-                alpha=config.bias_loss.alpha,
-                beta=config.bias_loss.beta,
-                mode=config.bias_loss.mode,
-                state=state.loss_state,
-            )
-        else:
-            cross_entropy = losses.softmax_cross_entropy(logits, targets)
-            loss, loss_state = jnp.mean(cross_entropy), state.loss_state
-            loss_aux = {"cross_entropy": cross_entropy}
-        return loss, (logits, updates["batch_stats"], loss_state, loss_aux)
-
-    (loss, (logits, batch_stats, loss_state, loss_aux)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    grad_norm = optax.global_norm(grads)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    new_state = state.replace(
-        step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state, loss_state=loss_state
-    )
-    if config.ema_decay > 0:
-        # Warm the decay up so early EMA weights are not dominated by the random init.
-        decay = jnp.minimum(config.ema_decay, (1.0 + state.step) / (10.0 + state.step))
-        new_state = new_state.replace(
-            ema_params=_ema_update(state.ema_params, params, decay),
-            ema_batch_stats=_ema_update(state.ema_batch_stats, batch_stats, decay),
-        )
-    max_abs_weight = jnp.max(jnp.stack([jnp.max(jnp.abs(p)) for p in jax.tree.leaves(params)]))
-    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(max_abs_weight)
-    if config.max_abs_weight > 0:
-        finite &= max_abs_weight <= config.max_abs_weight
-    new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state)
-    new_state = new_state.replace(step=state.step + 1)  # the data position advances either way
-
-    metrics = {
-        "loss": loss,
-        "cross_entropy": jnp.mean(loss_aux["cross_entropy"]),
-        "accuracy": jnp.mean(jnp.argmax(logits, -1) == labels),
-        # The rate this step's update used: the optimiser's count skips discarded steps.
-        "learning_rate": learning_rate_fn(optim.schedule_count(state.opt_state)),
-        "grad_norm": grad_norm,
-        # The largest |weight| this step produced (kept only if the step is accepted).
-        "max_abs_weight": max_abs_weight,
-        "finite": finite,
-    }
-    if config.loss == "bias":
-        metrics |= {
-            "bias_weight_mean": jnp.mean(loss_aux["weights"]),
-            "bias_weight_min": jnp.min(loss_aux["weights"]),
-            "variance_mean": jnp.mean(loss_aux["variance"]),
-            "variance_min": jnp.min(loss_aux["variance"]),
-            "variance_max": jnp.max(loss_aux["variance"]),
-            "normalized_variance_mean": jnp.mean(loss_aux["normalized_variance"]),
-            # Per-example values for the variance/weight histograms (B floats each; the
-            # loop keeps them only at a few steps, see `snapshot_steps`).
-            PER_EXAMPLE: {
-                "normalized_variance": loss_aux["normalized_variance"],
-                "weights": loss_aux["weights"],
-            },
-        }
-    return new_state, metrics
-
-
-def halt_on_nonfinite(state: TrainState, halted_at: jax.Array, batch, *, step_fn) -> tuple[TrainState, jax.Array, dict]:
-    """`step_fn` (a bound `train_step`), made a no-op from the first non-finite step on.
-
-    `halted_at` is -1 until a step reports ``finite = False``, then that step's index.
-    The training loop fetches metrics only every few steps (a host round trip per
-    step would leave an accelerator idle); this device-side latch guarantees that when
-    it does notice a NaN, the state it holds is exactly the one before the bad step,
-    however many steps were dispatched after it.
-    """
-    new_state, metrics = step_fn(state, batch)
-    halted = halted_at >= 0
-    new_state = jax.tree.map(lambda new, old: jnp.where(halted, old, new), new_state, state)
-    halted_at = jnp.where(halted | metrics["finite"], halted_at, state.step)
-    return new_state, halted_at, metrics
-
-
-def eval_step(state: TrainState, batch, *, model, use_ema: bool) -> dict:
-    """Sums of loss and top-1/top-5 hits, and the confusion matrix, over the real (mask = 1) examples."""
-    params, batch_stats = (state.ema_params, state.ema_batch_stats) if use_ema else (state.params, state.batch_stats)
-    logits, _ = model.apply({"params": params, "batch_stats": batch_stats}, batch["image"], train=False)
-    labels, mask = batch["label"], batch["mask"]
-    cross_entropy = losses.softmax_cross_entropy(logits, labels)
-    k = min(5, logits.shape[-1])
-    top_k = jax.lax.top_k(logits, k)[1]
-    return {
-        "loss_sum": jnp.sum(cross_entropy * mask),
-        "top1_sum": jnp.sum((top_k[:, 0] == labels) * mask),
-        "top5_sum": jnp.sum(jnp.any(top_k == labels[:, None], axis=-1) * mask),
-        "count": jnp.sum(mask),
-        # rows: true class, columns: top-1 prediction (int32: exact counts)
-        "confusion": jnp.zeros((logits.shape[-1],) * 2, jnp.int32).at[labels, top_k[:, 0]].add(mask.astype(jnp.int32)),
-    }
 
 
 def evaluate(jitted_eval_step, state, config, data_sharding) -> tuple[dict[str, float], np.ndarray]:
@@ -314,16 +159,10 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, held: c
     steps_per_epoch, num_train_steps = optim.steps_for(config, info.num_train_examples)
     is_chief = jax.process_index() == 0
 
-    model = create_model(config, num_classes)
-    learning_rate_fn = optim.create_learning_rate_fn(config, steps_per_epoch, num_train_steps)
-    tx = optim.create_optimizer(config, learning_rate_fn)
-    mesh = sharding.create_mesh()
-    replicated, data_sharding = sharding.replicated(mesh), sharding.batch_sharded(mesh)
-    init_fn = functools.partial(create_train_state, config, model, tx)
+    engine = build_engine(config, num_classes, steps_per_epoch=steps_per_epoch, num_train_steps=num_train_steps)
+    replicated, data_sharding = engine.replicated, engine.data_sharding
     # Shapes only: a resumed run never pays for compiling the initialisation.
-    abstract_state = jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), jax.eval_shape(init_fn)
-    )
+    abstract_state = engine.abstract_state()
     # Checked before anything is written: a wrong init_from leaves no workdir behind.
     initial_weights = _load_initial_weights(config.init_from, abstract_state) if config.init_from else None
 
@@ -341,7 +180,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, held: c
         state = jax.device_put(restored, replicated)
         logging.info("Resumed from %s at step %d", checkpointing.checkpoint_dir(workdir), int(state.step))
     else:
-        state = jax.jit(init_fn, out_shardings=replicated)()
+        state = engine.initial_state()
         if initial_weights is not None:
             state = jax.device_put(_with_initial_weights(state, initial_weights), replicated)
             logging.info("Initialised weights from %s", config.init_from)
@@ -361,33 +200,10 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, held: c
         info.num_eval_examples, num_train_steps, steps_per_epoch, jax.device_count(),
     )  # fmt: skip
 
-    step_fn = functools.partial(train_step, model=model, tx=tx, learning_rate_fn=learning_rate_fn, config=config)
-    if config.skip_nonfinite_steps:
-        jitted_train_step = jax.jit(
-            step_fn,
-            in_shardings=(replicated, data_sharding),
-            out_shardings=(replicated, replicated),
-            donate_argnums=0,
-        )
-    else:  # the loop checks for NaN only when it fetches metrics: latch the first bad step on device
-        guarded_step = jax.jit(
-            functools.partial(halt_on_nonfinite, step_fn=step_fn),
-            in_shardings=(replicated, replicated, data_sharding),
-            out_shardings=(replicated, replicated, replicated),
-            donate_argnums=(0, 1),
-        )
-        halted_at = jax.device_put(jnp.array(-1, jnp.int32), replicated)
-
-        def jitted_train_step(state, batch):
-            nonlocal halted_at
-            state, halted_at, metrics = guarded_step(state, halted_at, batch)
-            return state, metrics
-
-    jitted_eval_step = jax.jit(
-        functools.partial(eval_step, model=model, use_ema=config.ema_decay > 0),
-        in_shardings=(replicated, data_sharding),
-        out_shardings=replicated,
-    )
+    # The loop checks for NaN only when it fetches metrics: unless bad steps are to be skipped,
+    # the first one is latched on the device.
+    jitted_train_step = engine.jitted_train_step(halt_on_nonfinite=not config.skip_nonfinite_steps)
+    jitted_eval_step = engine.jitted_eval_step(use_ema=config.ema_decay > 0)
 
     reporter = ProgressReporter(
         workdir if is_chief else None, num_train_steps, config.batch_size, config.log_every_steps
