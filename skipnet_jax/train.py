@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import dataclasses
 import json
 import os
 import signal
@@ -29,7 +30,7 @@ from absl import logging
 
 from skipnet_jax import checkpointing, config_validation, optim, plots, reporting, sharding
 from skipnet_jax.config_validation import ConfigError, check_num_classes
-from skipnet_jax.engine import build_engine
+from skipnet_jax.engine import Engine, build_engine
 from skipnet_jax.reporting import CONFIG_FILE, ProgressReporter, write_results
 
 # The step layer, importable from here too: `skipnet_jax.train.train_step` etc. are the documented names.
@@ -147,10 +148,52 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         return _train_and_evaluate(config, workdir, held)
 
 
+@dataclasses.dataclass(frozen=True)
+class _Run:
+    """What `_set_up` hands the loop and `_finish`: a run about to train from `start_step`."""
+
+    config: ml_collections.ConfigDict
+    workdir: str
+    info: Any  # pipeline.DatasetInfo
+    engine: Engine
+    manager: Any  # the orbax CheckpointManager of WORKDIR/checkpoints
+    start_step: int
+    num_train_steps: int
+    num_params: int
+    is_chief: bool
+
+
 def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, held: contextlib.ExitStack) -> dict[str, Any]:
     from skipnet_jax.data import pipeline  # tf.data only where data is read
 
     wall_start = time.time()
+    set_up = _set_up(config, workdir, held)
+    if not isinstance(set_up, tuple):
+        return set_up  # the run had finished: its results
+    run, state = set_up
+    # The loop checks for NaN only when it fetches metrics: unless bad steps are to be skipped,
+    # the first one is latched on the device.
+    jitted_train_step = run.engine.jitted_train_step(halt_on_nonfinite=not config.skip_nonfinite_steps)
+    jitted_eval_step = run.engine.jitted_eval_step(use_ema=config.ema_decay > 0)
+
+    reporter = ProgressReporter(
+        workdir if run.is_chief else None, run.num_train_steps, config.batch_size, config.log_every_steps
+    )
+    train_iterator = pipeline.create_train_iterator(
+        config, start_step=run.start_step, process_index=jax.process_index(), process_count=jax.process_count()
+    )
+    progress = _Progress(run, reporter)
+    state = _train(run, progress, state, train_iterator, jitted_train_step, jitted_eval_step)
+    return _finish(run, progress, state, jitted_eval_step, wall_start)
+
+
+def _set_up(
+    config: ml_collections.ConfigDict, workdir: str, held: contextlib.ExitStack
+) -> tuple[_Run, TrainState] | dict[str, Any]:
+    """The run and its state (restored, initialised or from ``init_from``), the workdir locked;
+    or, for a run that had already finished, its results."""
+    from skipnet_jax.data import pipeline  # tf.data only where data is read
+
     try:
         info = pipeline.get_dataset_info(config)
     except ValueError as e:  # unknown dataset name, missing files: a config problem
@@ -160,7 +203,6 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, held: c
     is_chief = jax.process_index() == 0
 
     engine = build_engine(config, num_classes, steps_per_epoch=steps_per_epoch, num_train_steps=num_train_steps)
-    replicated, data_sharding = engine.replicated, engine.data_sharding
     # Shapes only: a resumed run never pays for compiling the initialisation.
     abstract_state = engine.abstract_state()
     # Checked before anything is written: a wrong init_from leaves no workdir behind.
@@ -177,12 +219,12 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, held: c
     except checkpointing.CheckpointMismatchError as e:
         raise ConfigError(_config_change(workdir, config) + str(e)) from e
     if restored is not None:
-        state = jax.device_put(restored, replicated)
+        state = jax.device_put(restored, engine.replicated)
         logging.info("Resumed from %s at step %d", checkpointing.checkpoint_dir(workdir), int(state.step))
     else:
         state = engine.initial_state()
         if initial_weights is not None:
-            state = jax.device_put(_with_initial_weights(state, initial_weights), replicated)
+            state = jax.device_put(_with_initial_weights(state, initial_weights), engine.replicated)
             logging.info("Initialised weights from %s", config.init_from)
     start_step = int(state.step)
     if start_step >= num_train_steps:
@@ -199,48 +241,39 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, held: c
         config.model, info.name, num_classes, num_params, info.num_train_examples,
         info.num_eval_examples, num_train_steps, steps_per_epoch, jax.device_count(),
     )  # fmt: skip
+    run = _Run(config, workdir, info, engine, manager, start_step, num_train_steps, num_params, is_chief)
+    return run, state
 
-    # The loop checks for NaN only when it fetches metrics: unless bad steps are to be skipped,
-    # the first one is latched on the device.
-    jitted_train_step = engine.jitted_train_step(halt_on_nonfinite=not config.skip_nonfinite_steps)
-    jitted_eval_step = engine.jitted_eval_step(use_ema=config.ema_decay > 0)
 
-    reporter = ProgressReporter(
-        workdir if is_chief else None, num_train_steps, config.batch_size, config.log_every_steps
-    )
-    train_iterator = pipeline.create_train_iterator(
-        config, start_step=start_step, process_index=jax.process_index(), process_count=jax.process_count()
-    )
-    # A resumed run carries on from what was recorded with its checkpoint.
-    record = reporting.load_run_record(workdir, start_step) if start_step else {}
-    last_metrics = {k: record[f"train_{k}"] for k in ("loss", "accuracy") if record.get(f"train_{k}") is not None}
-    skipped: list[int] = list(record.get("skipped_nonfinite_steps", []))
-    bad_train_files: set[str] = set(record.get("skipped_train_files", []))
-    wanted_snapshots = snapshot_steps(num_train_steps) if config.loss == "bias" else frozenset()
-    snapshots_path = os.path.join(workdir, plots.SNAPSHOTS_FILE)
-    snapshots = plots.load_snapshots(snapshots_path) if os.path.exists(snapshots_path) else {}
-    unfetched: list[tuple[int, dict]] = []  # (completed steps, on-device metrics of that step)
-    in_flight: collections.deque = collections.deque()
+class _Progress:
+    """The loop's record of the run: reported metrics, skipped steps and files, histogram
+    snapshots.  A resumed run carries on from what was recorded with its checkpoint."""
 
-    def checked_batches():
-        for step in range(start_step, num_train_steps):
-            local_batch = next(train_iterator)
-            bad = pipeline.pop_bad_files(local_batch, config, config.data.train_split)
-            if bad:
-                _report_bad_files(bad, bad_train_files, config, f"train step {step}")
-            yield local_batch
+    def __init__(self, run: _Run, reporter: ProgressReporter):
+        self.run, self.reporter = run, reporter
+        self.record = reporting.load_run_record(run.workdir, run.start_step) if run.start_step else {}
+        self.last_metrics = {
+            k: self.record[f"train_{k}"] for k in ("loss", "accuracy") if self.record.get(f"train_{k}") is not None
+        }
+        self.skipped: list[int] = list(self.record.get("skipped_nonfinite_steps", []))
+        self.bad_train_files: set[str] = set(self.record.get("skipped_train_files", []))
+        wanted = run.config.loss == "bias"
+        self.wanted_snapshots = snapshot_steps(run.num_train_steps) if wanted else frozenset()
+        self.snapshots_path = os.path.join(run.workdir, plots.SNAPSHOTS_FILE)
+        self.snapshots = plots.load_snapshots(self.snapshots_path) if os.path.exists(self.snapshots_path) else {}
+        self.unfetched: list[tuple[int, dict]] = []  # (completed steps, on-device metrics of that step)
 
-    def fetch_metrics() -> None:
+    def fetch_metrics(self) -> None:
         """Brings the metrics of the steps run since the last call to the host (one transfer),
         stops on a non-finite step (unless configured to skip), and reports them."""
-        nonlocal last_metrics
-        if not unfetched:
+        config, manager = self.run.config, self.run.manager
+        if not self.unfetched:
             return
         wanted = [
-            (completed, metrics if completed in wanted_snapshots else _without(metrics, PER_EXAMPLE))
-            for completed, metrics in unfetched
+            (completed, metrics if completed in self.wanted_snapshots else _without(metrics, PER_EXAMPLE))
+            for completed, metrics in self.unfetched
         ]
-        unfetched.clear()
+        self.unfetched.clear()
         for completed, metrics in jax.device_get(wanted):
             if not bool(metrics["finite"]):
                 message = _diverged_message(metrics, completed - 1, config.max_abs_weight)
@@ -248,20 +281,53 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, held: c
                     manager.wait_until_finished()  # the last good checkpoint is complete before we stop
                     raise NonFiniteLossError(f"{message}; {_how_to_resume(manager)}")
                 logging.warning("%s; skipped that batch (skip_nonfinite_steps=True)", message)
-                skipped.append(completed - 1)
+                self.skipped.append(completed - 1)
                 continue
             per_example = metrics.pop(PER_EXAMPLE, None)
-            if per_example is not None and is_chief:
-                snapshots[completed] = {k: np.asarray(v) for k, v in per_example.items()}
-                plots.save_snapshots(snapshots_path, snapshots)  # atomic; survives a restart
-            last_metrics = {k: float(np.asarray(v)) for k, v in metrics.items() if k != "finite"}
-            reporter.record(completed, last_metrics)
+            if per_example is not None and self.run.is_chief:
+                self.snapshots[completed] = {k: np.asarray(v) for k, v in per_example.items()}
+                plots.save_snapshots(self.snapshots_path, self.snapshots)  # atomic; survives a restart
+            self.last_metrics = {k: float(np.asarray(v)) for k, v in metrics.items() if k != "finite"}
+            self.reporter.record(completed, self.last_metrics)
+
+    def save_run_record(self, completed: int) -> None:
+        """What a run resumed from checkpoint `completed` carries on from."""
+        reporting.save_run_record(
+            self.run.workdir,
+            completed,
+            {
+                "train_loss": self.last_metrics.get("loss"),
+                "train_accuracy": self.last_metrics.get("accuracy"),
+                "examples_per_sec": _throughput(self.reporter, self.record),
+                "skipped_nonfinite_steps": self.skipped,
+                "skipped_train_files": sorted(self.bad_train_files),
+            },
+            keep_steps=self.run.manager.all_steps(),
+        )
+
+
+def _train(run: _Run, progress: _Progress, state, train_iterator, jitted_train_step, jitted_eval_step):
+    """Steps from `run.start_step` to the end, checkpointing, evaluating and logging on the way;
+    the final state.  Raises `Preempted` after saving when asked to stop."""
+    from skipnet_jax.data import pipeline  # tf.data only where data is read
+
+    config, manager, start_step, num_train_steps = run.config, run.manager, run.start_step, run.num_train_steps
+    data_sharding = run.engine.data_sharding
+    in_flight: collections.deque = collections.deque()
+
+    def checked_batches():
+        for step in range(start_step, num_train_steps):
+            local_batch = next(train_iterator)
+            bad = pipeline.pop_bad_files(local_batch, config, config.data.train_split)
+            if bad:
+                _report_bad_files(bad, progress.bad_train_files, config, f"train step {step}")
+            yield local_batch
 
     batches = sharding.prefetch_to_device(checked_batches(), data_sharding, DEVICE_PREFETCH)
     with PreemptionWatcher() as preemption, _finish_saves_on((BadImageError, KeyboardInterrupt), manager):
         for completed, batch in enumerate(batches, start=start_step + 1):
             state, metrics = jitted_train_step(state, batch)
-            unfetched.append((completed, metrics))
+            progress.unfetched.append((completed, metrics))
             in_flight.append(metrics["finite"])
             if len(in_flight) > MAX_STEPS_IN_FLIGHT:  # waits; the device still has queued steps
                 in_flight.popleft().block_until_ready()
@@ -272,22 +338,11 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, held: c
             )
             # The first step is fetched at once, so throughput and the first log line exclude compilation.
             if save or evaluate_now or completed % config.log_every_steps == 0 or completed == start_step + 1:
-                fetch_metrics()  # before saving: a checkpoint never holds a state past a non-finite step
+                progress.fetch_metrics()  # before saving: a checkpoint never holds a state past a non-finite step
             if save:
                 checkpointing.save(manager, completed, state)
-                if is_chief:
-                    reporting.save_run_record(
-                        workdir,
-                        completed,
-                        {
-                            "train_loss": last_metrics.get("loss"),
-                            "train_accuracy": last_metrics.get("accuracy"),
-                            "examples_per_sec": _throughput(reporter, record),
-                            "skipped_nonfinite_steps": skipped,
-                            "skipped_train_files": sorted(bad_train_files),
-                        },
-                        keep_steps=manager.all_steps(),
-                    )
+                if run.is_chief:
+                    progress.save_run_record(completed)
             if preempted:
                 manager.wait_until_finished()
                 logging.warning(
@@ -297,28 +352,33 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, held: c
                 )
                 raise Preempted(completed, interrupted=preemption.interrupted)
             if evaluate_now:
-                reporter.write_eval(completed, evaluate(jitted_eval_step, state, config, data_sharding)[0])
-        fetch_metrics()
+                progress.reporter.write_eval(completed, evaluate(jitted_eval_step, state, config, data_sharding)[0])
+        progress.fetch_metrics()
         manager.wait_until_finished()
+    return state
 
-    eval_metrics, confusion = evaluate(jitted_eval_step, state, config, data_sharding)
-    reporter.write_eval(num_train_steps, eval_metrics)
+
+def _finish(run: _Run, progress: _Progress, state, jitted_eval_step, wall_start: float) -> dict[str, Any]:
+    """The final evaluation, results.json and the plots; returns the results."""
+    config, info, reporter = run.config, run.info, progress.reporter
+    eval_metrics, confusion = evaluate(jitted_eval_step, state, config, run.engine.data_sharding)
+    reporter.write_eval(run.num_train_steps, eval_metrics)
     results = {
         **eval_metrics,
-        "train_loss": last_metrics.get("loss"),
-        "train_accuracy": last_metrics.get("accuracy"),
+        "train_loss": progress.last_metrics.get("loss"),
+        "train_accuracy": progress.last_metrics.get("accuracy"),
         "steps": int(state.step),
-        "resumed_from_step": start_step,
-        "skipped_nonfinite_steps": skipped,
+        "resumed_from_step": run.start_step,
+        "skipped_nonfinite_steps": progress.skipped,
         # Image folders: unreadable files skipped by this process (each process logs its own) and
         # eval examples lost to them (global); empty class directories of the train split.
-        "skipped_train_files": sorted(bad_train_files),
+        "skipped_train_files": sorted(progress.bad_train_files),
         "skipped_eval_examples": info.num_eval_examples - eval_metrics["eval_examples"],
         "empty_class_dirs": list(info.empty_class_dirs),
-        "examples_per_sec": _throughput(reporter, record),
+        "examples_per_sec": _throughput(reporter, progress.record),
         "wall_seconds": time.time() - wall_start,
         "params_global_norm": float(jax.jit(optax.global_norm)(state.params)),
-        "num_params": int(num_params),
+        "num_params": int(run.num_params),
         "model": config.model,
         "dataset": info.name,
         "loss": config.loss,
@@ -335,11 +395,11 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, held: c
         for key, value in results.items()
         if value is None or (isinstance(value, float) and not np.isfinite(value))
     }
-    if is_chief:
-        write_results(workdir, results)
-        _write_plots(workdir, reporter, num_train_steps, snapshots, confusion, info.class_names)
+    if run.is_chief:
+        write_results(run.workdir, results)
+        _write_plots(run.workdir, reporter, run.num_train_steps, progress.snapshots, confusion, info.class_names)
     reporter.close()
-    manager.close()
+    run.manager.close()
     logging.info("Results: %s", json.dumps(results, sort_keys=True))
     return results
 
