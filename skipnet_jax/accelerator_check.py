@@ -21,8 +21,9 @@ Three parts, in this order; a part that breaks is reported and the next one stil
     and matmuls in TF32.
 ``digits``
     ``configs/digits.py`` (SkipNet-S, 32 px, batch 64, AdamW 3e-3, 30 epochs) in
-    ``--digits_dtype`` (bfloat16) through the real ``train.create_train_state`` /
-    ``train_step`` / ``eval_step`` over the ``sharding`` mesh, fed by a NumPy copy of the
+    ``--digits_dtype`` (bfloat16) through the real ``steps.create_train_state`` /
+    ``train_step`` / ``eval_step``, jitted by training's ``engine.Engine`` over the
+    ``sharding`` mesh, fed by a NumPy copy of the
     tf.data "simple" preprocessing (:class:`DigitsInput`), then evaluated on all 360 test
     images.  Fails below ``--digits_threshold`` eval top-1 (0.97) or on a non-finite step.
 ``bench``
@@ -555,30 +556,19 @@ def train_digits(config, threshold: float, seed: int) -> dict[str, Any]:
     import jax
     import jax.numpy as jnp
 
-    from skipnet_jax import optim, sharding, train
+    from skipnet_jax import optim, sharding
+    from skipnet_jax.engine import build_engine
 
     config.seed = seed
     data = DigitsInput(config.image_size, config.batch_size, config.eval_batch_size, seed)
     num_classes = int(data.train_labels.max()) + 1
     steps_per_epoch, num_steps = optim.steps_for(config, data.num_train)
-    model = train.create_model(config, num_classes)
-    learning_rate_fn = optim.create_learning_rate_fn(config, steps_per_epoch, num_steps)
-    tx = optim.create_optimizer(config, learning_rate_fn)
-    mesh = sharding.create_mesh()
-    replicated, data_sharding = sharding.replicated(mesh), sharding.batch_sharded(mesh)
+    engine = build_engine(config, num_classes, steps_per_epoch=steps_per_epoch, num_train_steps=num_steps)
+    data_sharding = engine.data_sharding
 
-    state = jax.jit(functools.partial(train.create_train_state, config, model, tx), out_shardings=replicated)()
-    step_fn = jax.jit(
-        functools.partial(train.train_step, model=model, tx=tx, learning_rate_fn=learning_rate_fn, config=config),
-        in_shardings=(replicated, data_sharding),
-        out_shardings=(replicated, replicated),
-        donate_argnums=0,
-    )
-    eval_fn = jax.jit(
-        functools.partial(train.eval_step, model=model, use_ema=config.ema_decay > 0),
-        in_shardings=(replicated, data_sharding),
-        out_shardings=replicated,
-    )
+    state = engine.initial_state()
+    step_fn = engine.jitted_train_step()
+    eval_fn = engine.jitted_eval_step(use_ema=config.ema_decay > 0)
     first = sharding.to_global_batch(data.train_batch(0), data_sharding)
     t0 = time.perf_counter()
     compiled_step = step_fn.lower(state, first).compile()

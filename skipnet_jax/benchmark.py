@@ -8,9 +8,10 @@ Command line::
         [--torch_compile]] [--compare_loss]
 
 What is timed is exactly what training and evaluation run: the real
-:func:`skipnet_jax.train.train_step` / :func:`skipnet_jax.train.eval_step`, jitted over
-the same one-axis ``NamedSharding`` mesh with the same shardings and buffer donation as
-:func:`skipnet_jax.train.train_and_evaluate`, on the default config (SGD with momentum 0.9,
+:func:`skipnet_jax.steps.train_step` / :func:`skipnet_jax.steps.eval_step`, jitted by the
+:class:`skipnet_jax.engine.Engine` that :func:`skipnet_jax.train.train_and_evaluate` builds
+(one-axis ``NamedSharding`` mesh, same shardings and buffer donation; the train step
+without the loop's non-finite latch), on the default config (SGD with momentum 0.9,
 weight decay 4e-5, cosine schedule, dropout 0.2, bias loss unless ``--loss ce``) with
 1000 classes.  The input is one fixed batch of random images (``N(0, 1)``, already
 normalised) and random labels, resident on the device, so the input pipeline is not part
@@ -200,22 +201,18 @@ class Side:
 
 
 def jax_side(config, mode: str, seed: int = 0, name: str = "jax") -> Side:
-    """The real train/eval step of `skipnet_jax.train`, compiled, on a fixed random batch."""
-    import functools
-
+    """The real train/eval step of training (`skipnet_jax.engine`), compiled, on a fixed random batch."""
     import jax
     import numpy as np
 
-    from skipnet_jax import optim, sharding, train
+    from skipnet_jax import sharding
+    from skipnet_jax.engine import build_engine
 
-    model = train.create_model(config, NUM_CLASSES)
-    learning_rate_fn = optim.create_learning_rate_fn(config, _STEPS_PER_EPOCH, _NUM_TRAIN_STEPS)
-    tx = optim.create_optimizer(config, learning_rate_fn)
-    mesh = sharding.create_mesh()
-    replicated, data_sharding = sharding.replicated(mesh), sharding.batch_sharded(mesh)
+    engine = build_engine(config, NUM_CLASSES, steps_per_epoch=_STEPS_PER_EPOCH, num_train_steps=_NUM_TRAIN_STEPS)
+    data_sharding = engine.data_sharding
 
     t0 = time.perf_counter()
-    state = jax.jit(functools.partial(train.create_train_state, config, model, tx), out_shardings=replicated)()
+    state = engine.initial_state()
     jax.block_until_ready(state)
     init_s = time.perf_counter() - t0
 
@@ -230,18 +227,9 @@ def jax_side(config, mode: str, seed: int = 0, name: str = "jax") -> Side:
     batch = sharding.to_global_batch(host_batch, data_sharding)
 
     if mode == "train":
-        jitted = jax.jit(
-            functools.partial(train.train_step, model=model, tx=tx, learning_rate_fn=learning_rate_fn, config=config),
-            in_shardings=(replicated, data_sharding),
-            out_shardings=(replicated, replicated),
-            donate_argnums=0,
-        )
+        jitted = engine.jitted_train_step()
     else:
-        jitted = jax.jit(
-            functools.partial(train.eval_step, model=model, use_ema=config.ema_decay > 0),
-            in_shardings=(replicated, data_sharding),
-            out_shardings=replicated,
-        )
+        jitted = engine.jitted_eval_step(use_ema=config.ema_decay > 0)
     t0 = time.perf_counter()
     lowered = jitted.lower(state, batch)
     lower_s = time.perf_counter() - t0

@@ -21,8 +21,8 @@ Command line::
 ``--config.KEY=VALUE`` overrides apply on top of either (e.g. ``--config.data_dir=...``
 or ``--config.eval_batch_size=64``).  A dataset whose class count is not the model's is
 an error naming both counts, never a silent mismatch.  The evaluation is
-`train.evaluate` over `train.eval_step` (top-1, top-5, cross-entropy and the confusion
-matrix over every example, the last batch padded and masked).
+training's: `train.evaluate` over the engine's jitted `steps.eval_step` (top-1, top-5,
+cross-entropy and the confusion matrix over every example, the last batch padded and masked).
 
 Writes ``DIR/eval_results.json`` (never ``results.json``) with ``eval_top1``,
 ``eval_top5``, ``eval_loss``, ``eval_examples``, ``per_class_accuracy``,
@@ -51,10 +51,11 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from skipnet_jax import checkpointing, cli, convert, optim, reporting, sharding, train
+from skipnet_jax import checkpointing, cli, convert, optim, reporting, train
 from skipnet_jax.config_validation import ConfigError, check_num_classes
 from skipnet_jax.data import pipeline
 from skipnet_jax.default_config import RETIRED_KEYS, get_default_config
+from skipnet_jax.engine import build_engine
 from skipnet_jax.reporting import CONFIG_FILE, EVAL_RESULTS_FILE
 
 __all__ = [
@@ -292,13 +293,9 @@ def _load_checkpoint(workdir: str, config: ml_collections.ConfigDict) -> LoadedM
         raise ConfigError(str(e).splitlines()[0]) from None
     num_classes = check_num_classes(config, info.num_classes)
     steps_per_epoch, num_train_steps = optim.steps_for(config, info.num_train_examples)
-    model = train.create_model(config, num_classes)
-    tx = optim.create_optimizer(config, optim.create_learning_rate_fn(config, steps_per_epoch, num_train_steps))
-    replicated = sharding.replicated(sharding.create_mesh())
-    abstract_state = jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
-        jax.eval_shape(functools.partial(train.create_train_state, config, model, tx)),
-    )
+    # The training run's engine: its abstract state has the checkpoint's shapes (optimiser state included).
+    engine = build_engine(config, num_classes, steps_per_epoch=steps_per_epoch, num_train_steps=num_train_steps)
+    abstract_state = engine.abstract_state()
     manager = checkpointing.create_manager(workdir, keep=config.keep_checkpoints)
     try:
         state = checkpointing.restore_latest(manager, abstract_state, quarantine=False)  # read-only: moves nothing
@@ -312,7 +309,7 @@ def _load_checkpoint(workdir: str, config: ml_collections.ConfigDict) -> LoadedM
     params, batch_stats = (state.ema_params, state.ema_batch_stats) if use_ema else (state.params, state.batch_stats)
     step = int(state.step)
     return LoadedModel(
-        model=model,
+        model=engine.model,
         variables={"params": params, "batch_stats": batch_stats},
         config=config,
         num_classes=num_classes,
@@ -338,16 +335,15 @@ def evaluate_model(loaded: LoadedModel) -> dict[str, Any]:
             f"the model has {loaded.num_classes} classes but config.dataset={config.dataset!r} has "
             f"{info.num_classes}; choose the dataset it was trained on (--config FILE or --config.dataset=...)"
         )
-    mesh = sharding.create_mesh()
-    replicated, data_sharding = sharding.replicated(mesh), sharding.batch_sharded(mesh)
-    jitted = jax.jit(
-        functools.partial(train.eval_step, model=loaded.model, use_ema=False),
-        in_shardings=(replicated, data_sharding),
-        out_shardings=replicated,
+    # Evaluation never steps the optimiser, so a one-step schedule stands in for the run's; the
+    # model is `loaded`'s own (a caller may have built it with settings of its own).
+    engine = dataclasses.replace(
+        build_engine(config, loaded.num_classes, steps_per_epoch=1, num_train_steps=1), model=loaded.model
     )
-    state = jax.device_put(loaded.eval_state(), replicated)
+    jitted = engine.jitted_eval_step(use_ema=False)  # eval_state() holds the weights to use as its params
+    state = jax.device_put(loaded.eval_state(), engine.replicated)
     try:
-        metrics, matrix = train.evaluate(jitted, state, config, data_sharding)
+        metrics, matrix = train.evaluate(jitted, state, config, engine.data_sharding)
     except ValueError as e:  # e.g. a dataset that is not prepared
         raise ConfigError(str(e).splitlines()[0]) from None
     totals = matrix.sum(axis=1)

@@ -1,19 +1,19 @@
-"""Training and evaluation: small pure step functions and the loop that drives them.
+"""The training loop: data, checkpoints, logs and results.json around the jitted steps.
 
-`create_train_state`, `train_step` and `eval_step` are pure functions of
-arrays (jit-compiled over a data-parallel mesh); `train_and_evaluate` is the
-only place with side effects (data, checkpoints, logs, results.json).
+`train_and_evaluate` is the only place with side effects.  The pure step functions
+(`create_train_state`, `train_step`, `eval_step`, ...) live in `skipnet_jax.steps` and
+are re-exported here; `skipnet_jax.engine` builds the model, optimiser, mesh and jitted
+steps the loop runs, as evaluation, the benchmark and the accelerator check do.
 
-The step functions need no TensorFlow: the tf.data input pipeline is imported
-inside the functions that read data, so the models, the loss and the steps
-can be used in another training loop on a machine without TensorFlow.
+The tf.data input pipeline is imported inside the functions that read data, so
+importing this module needs no TensorFlow.
 """
 
 from __future__ import annotations
 
 import collections
 import contextlib
-import functools
+import dataclasses
 import json
 import os
 import signal
@@ -21,8 +21,6 @@ import threading
 import time
 from typing import Any
 
-import flax
-import flax.serialization
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -30,14 +28,27 @@ import numpy as np
 import optax
 from absl import logging
 
-from skipnet_jax import checkpointing, config_validation, losses, models, optim, plots, reporting, sharding
+from skipnet_jax import checkpointing, config_validation, optim, plots, reporting, sharding
 from skipnet_jax.config_validation import ConfigError, check_num_classes
+from skipnet_jax.engine import Engine, build_engine
 from skipnet_jax.reporting import CONFIG_FILE, ProgressReporter, write_results
 
-# Independent RNG streams derived from the seed; dropout folds in the step so a
-# resumed run draws exactly the masks an uninterrupted one would.
-_INIT_STREAM, _DROPOUT_STREAM = 0, 1
-PER_EXAMPLE = "per_example"  # train_step metrics entry with per-example arrays
+# The step layer, importable from here too: `skipnet_jax.train.train_step` etc. are the documented names.
+from skipnet_jax.steps import (  # noqa: F401 - re-exported
+    _DROPOUT_STREAM,
+    _INIT_STREAM,
+    PER_EXAMPLE,
+    StepOptions,
+    TrainState,
+    _ema_update,
+    compute_dtype,
+    create_model,
+    create_train_state,
+    eval_step,
+    halt_on_nonfinite,
+    train_step,
+)
+
 # Global batches transferred to the devices ahead of the step that uses them.
 DEVICE_PREFETCH = 2
 # Train steps the host may dispatch ahead of the device. Without a bound the host would queue a
@@ -79,171 +90,6 @@ def _report_bad_files(runs: list[tuple[str, ...]], seen: set[str], config, where
                 f"{len(run)} unreadable image files in a row from {run[0]!r} ({where});"
                 " is the dataset directory damaged?"
             )
-
-
-@flax.struct.dataclass
-class TrainState:
-    step: jax.Array
-    params: Any
-    batch_stats: Any
-    opt_state: Any
-    ema_params: Any  # {} when EMA is off
-    ema_batch_stats: Any
-    loss_state: Any  # running minimum of the "global" bias-loss normalisation
-
-
-def compute_dtype(config: ml_collections.ConfigDict):
-    return {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[config.dtype]
-
-
-def create_model(config: ml_collections.ConfigDict, num_classes: int):
-    return models.create_model(
-        config.model, num_classes=num_classes, dropout_rate=config.dropout_rate, dtype=compute_dtype(config)
-    )
-
-
-def create_train_state(config, model, tx: optax.GradientTransformation) -> TrainState:
-    """Initial parameters, BN statistics and optimiser state (a pure function of the seed)."""
-    rng = jax.random.fold_in(jax.random.key(config.seed), _INIT_STREAM)
-    images = jnp.zeros((1, config.image_size, config.image_size, 3), jnp.float32)
-    variables = model.init(rng, images, train=False)
-    params, batch_stats = variables["params"], variables.get("batch_stats", {})
-    use_ema = config.ema_decay > 0
-    return TrainState(
-        step=jnp.array(0, jnp.int32),
-        params=params,
-        batch_stats=batch_stats,
-        opt_state=tx.init(params),
-        ema_params=params if use_ema else {},
-        ema_batch_stats=batch_stats if use_ema else {},
-        loss_state=losses.init_bias_loss_state(),
-    )
-
-
-def _ema_update(ema, new, decay):
-    return jax.tree.map(lambda e, n: decay * e + (1.0 - decay) * n, ema, new)
-
-
-def train_step(state: TrainState, batch, *, model, tx, learning_rate_fn, config) -> tuple[TrainState, dict]:
-    """One optimisation step on a (global) batch; returns the new state and scalar metrics.
-
-    A step whose loss or gradient is not finite, or that would take a weight beyond
-    ``config.max_abs_weight``, leaves everything but the step counter unchanged and
-    reports `finite = False`, so the loop can stop with the last good weights (or skip
-    the batch, if configured to).
-    """
-    dropout_rng = jax.random.fold_in(jax.random.fold_in(jax.random.key(config.seed), _DROPOUT_STREAM), state.step)
-    labels = batch["label"]
-
-    def loss_fn(params):
-        (logits, aux), updates = model.apply(
-            {"params": params, "batch_stats": state.batch_stats},
-            batch["image"],
-            train=True,
-            mutable=["batch_stats"],
-            rngs={"dropout": dropout_rng},
-        )
-        targets = labels
-        if config.label_smoothing > 0:
-            targets = optax.smooth_labels(jax.nn.one_hot(labels, logits.shape[-1]), config.label_smoothing)
-        if config.loss == "bias":
-            loss, loss_state, loss_aux = losses.bias_loss(
-                logits,
-                targets,
-                aux["features"],
-                alpha=config.bias_loss.alpha,
-                beta=config.bias_loss.beta,
-                mode=config.bias_loss.mode,
-                state=state.loss_state,
-            )
-        else:
-            cross_entropy = losses.softmax_cross_entropy(logits, targets)
-            loss, loss_state = jnp.mean(cross_entropy), state.loss_state
-            loss_aux = {"cross_entropy": cross_entropy}
-        return loss, (logits, updates["batch_stats"], loss_state, loss_aux)
-
-    (loss, (logits, batch_stats, loss_state, loss_aux)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    grad_norm = optax.global_norm(grads)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    new_state = state.replace(
-        step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state, loss_state=loss_state
-    )
-    if config.ema_decay > 0:
-        # Warm the decay up so early EMA weights are not dominated by the random init.
-        decay = jnp.minimum(config.ema_decay, (1.0 + state.step) / (10.0 + state.step))
-        new_state = new_state.replace(
-            ema_params=_ema_update(state.ema_params, params, decay),
-            ema_batch_stats=_ema_update(state.ema_batch_stats, batch_stats, decay),
-        )
-    max_abs_weight = jnp.max(jnp.stack([jnp.max(jnp.abs(p)) for p in jax.tree.leaves(params)]))
-    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(max_abs_weight)
-    if config.max_abs_weight > 0:
-        finite &= max_abs_weight <= config.max_abs_weight
-    new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state)
-    new_state = new_state.replace(step=state.step + 1)  # the data position advances either way
-
-    metrics = {
-        "loss": loss,
-        "cross_entropy": jnp.mean(loss_aux["cross_entropy"]),
-        "accuracy": jnp.mean(jnp.argmax(logits, -1) == labels),
-        # The rate this step's update used: the optimiser's count skips discarded steps.
-        "learning_rate": learning_rate_fn(optim.schedule_count(state.opt_state)),
-        "grad_norm": grad_norm,
-        # The largest |weight| this step produced (kept only if the step is accepted).
-        "max_abs_weight": max_abs_weight,
-        "finite": finite,
-    }
-    if config.loss == "bias":
-        metrics |= {
-            "bias_weight_mean": jnp.mean(loss_aux["weights"]),
-            "bias_weight_min": jnp.min(loss_aux["weights"]),
-            "variance_mean": jnp.mean(loss_aux["variance"]),
-            "variance_min": jnp.min(loss_aux["variance"]),
-            "variance_max": jnp.max(loss_aux["variance"]),
-            "normalized_variance_mean": jnp.mean(loss_aux["normalized_variance"]),
-            # Per-example values for the variance/weight histograms (B floats each; the
-            # loop keeps them only at a few steps, see `snapshot_steps`).
-            PER_EXAMPLE: {
-                "normalized_variance": loss_aux["normalized_variance"],
-                "weights": loss_aux["weights"],
-            },
-        }
-    return new_state, metrics
-
-
-def halt_on_nonfinite(state: TrainState, halted_at: jax.Array, batch, *, step_fn) -> tuple[TrainState, jax.Array, dict]:
-    """`step_fn` (a bound `train_step`), made a no-op from the first non-finite step on.
-
-    `halted_at` is -1 until a step reports ``finite = False``, then that step's index.
-    The training loop fetches metrics only every few steps (a host round trip per
-    step would leave an accelerator idle); this device-side latch guarantees that when
-    it does notice a NaN, the state it holds is exactly the one before the bad step,
-    however many steps were dispatched after it.
-    """
-    new_state, metrics = step_fn(state, batch)
-    halted = halted_at >= 0
-    new_state = jax.tree.map(lambda new, old: jnp.where(halted, old, new), new_state, state)
-    halted_at = jnp.where(halted | metrics["finite"], halted_at, state.step)
-    return new_state, halted_at, metrics
-
-
-def eval_step(state: TrainState, batch, *, model, use_ema: bool) -> dict:
-    """Sums of loss and top-1/top-5 hits, and the confusion matrix, over the real (mask = 1) examples."""
-    params, batch_stats = (state.ema_params, state.ema_batch_stats) if use_ema else (state.params, state.batch_stats)
-    logits, _ = model.apply({"params": params, "batch_stats": batch_stats}, batch["image"], train=False)
-    labels, mask = batch["label"], batch["mask"]
-    cross_entropy = losses.softmax_cross_entropy(logits, labels)
-    k = min(5, logits.shape[-1])
-    top_k = jax.lax.top_k(logits, k)[1]
-    return {
-        "loss_sum": jnp.sum(cross_entropy * mask),
-        "top1_sum": jnp.sum((top_k[:, 0] == labels) * mask),
-        "top5_sum": jnp.sum(jnp.any(top_k == labels[:, None], axis=-1) * mask),
-        "count": jnp.sum(mask),
-        # rows: true class, columns: top-1 prediction (int32: exact counts)
-        "confusion": jnp.zeros((logits.shape[-1],) * 2, jnp.int32).at[labels, top_k[:, 0]].add(mask.astype(jnp.int32)),
-    }
 
 
 def evaluate(jitted_eval_step, state, config, data_sharding) -> tuple[dict[str, float], np.ndarray]:
@@ -302,10 +148,52 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         return _train_and_evaluate(config, workdir, held)
 
 
+@dataclasses.dataclass(frozen=True)
+class _Run:
+    """What `_set_up` hands the loop and `_finish`: a run about to train from `start_step`."""
+
+    config: ml_collections.ConfigDict
+    workdir: str
+    info: Any  # pipeline.DatasetInfo
+    engine: Engine
+    manager: Any  # the orbax CheckpointManager of WORKDIR/checkpoints
+    start_step: int
+    num_train_steps: int
+    num_params: int
+    is_chief: bool
+
+
 def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, held: contextlib.ExitStack) -> dict[str, Any]:
     from skipnet_jax.data import pipeline  # tf.data only where data is read
 
     wall_start = time.time()
+    set_up = _set_up(config, workdir, held)
+    if not isinstance(set_up, tuple):
+        return set_up  # the run had finished: its results
+    run, state = set_up
+    # The loop checks for NaN only when it fetches metrics: unless bad steps are to be skipped,
+    # the first one is latched on the device.
+    jitted_train_step = run.engine.jitted_train_step(halt_on_nonfinite=not config.skip_nonfinite_steps)
+    jitted_eval_step = run.engine.jitted_eval_step(use_ema=config.ema_decay > 0)
+
+    reporter = ProgressReporter(
+        workdir if run.is_chief else None, run.num_train_steps, config.batch_size, config.log_every_steps
+    )
+    train_iterator = pipeline.create_train_iterator(
+        config, start_step=run.start_step, process_index=jax.process_index(), process_count=jax.process_count()
+    )
+    progress = _Progress(run, reporter)
+    state = _train(run, progress, state, train_iterator, jitted_train_step, jitted_eval_step)
+    return _finish(run, progress, state, jitted_eval_step, wall_start)
+
+
+def _set_up(
+    config: ml_collections.ConfigDict, workdir: str, held: contextlib.ExitStack
+) -> tuple[_Run, TrainState] | dict[str, Any]:
+    """The run and its state (restored, initialised or from ``init_from``), the workdir locked;
+    or, for a run that had already finished, its results."""
+    from skipnet_jax.data import pipeline  # tf.data only where data is read
+
     try:
         info = pipeline.get_dataset_info(config)
     except ValueError as e:  # unknown dataset name, missing files: a config problem
@@ -314,16 +202,9 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, held: c
     steps_per_epoch, num_train_steps = optim.steps_for(config, info.num_train_examples)
     is_chief = jax.process_index() == 0
 
-    model = create_model(config, num_classes)
-    learning_rate_fn = optim.create_learning_rate_fn(config, steps_per_epoch, num_train_steps)
-    tx = optim.create_optimizer(config, learning_rate_fn)
-    mesh = sharding.create_mesh()
-    replicated, data_sharding = sharding.replicated(mesh), sharding.batch_sharded(mesh)
-    init_fn = functools.partial(create_train_state, config, model, tx)
+    engine = build_engine(config, num_classes, steps_per_epoch=steps_per_epoch, num_train_steps=num_train_steps)
     # Shapes only: a resumed run never pays for compiling the initialisation.
-    abstract_state = jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), jax.eval_shape(init_fn)
-    )
+    abstract_state = engine.abstract_state()
     # Checked before anything is written: a wrong init_from leaves no workdir behind.
     initial_weights = _load_initial_weights(config.init_from, abstract_state) if config.init_from else None
 
@@ -338,12 +219,12 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, held: c
     except checkpointing.CheckpointMismatchError as e:
         raise ConfigError(_config_change(workdir, config) + str(e)) from e
     if restored is not None:
-        state = jax.device_put(restored, replicated)
+        state = jax.device_put(restored, engine.replicated)
         logging.info("Resumed from %s at step %d", checkpointing.checkpoint_dir(workdir), int(state.step))
     else:
-        state = jax.jit(init_fn, out_shardings=replicated)()
+        state = engine.initial_state()
         if initial_weights is not None:
-            state = jax.device_put(_with_initial_weights(state, initial_weights), replicated)
+            state = jax.device_put(_with_initial_weights(state, initial_weights), engine.replicated)
             logging.info("Initialised weights from %s", config.init_from)
     start_step = int(state.step)
     if start_step >= num_train_steps:
@@ -360,71 +241,39 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, held: c
         config.model, info.name, num_classes, num_params, info.num_train_examples,
         info.num_eval_examples, num_train_steps, steps_per_epoch, jax.device_count(),
     )  # fmt: skip
+    run = _Run(config, workdir, info, engine, manager, start_step, num_train_steps, num_params, is_chief)
+    return run, state
 
-    step_fn = functools.partial(train_step, model=model, tx=tx, learning_rate_fn=learning_rate_fn, config=config)
-    if config.skip_nonfinite_steps:
-        jitted_train_step = jax.jit(
-            step_fn,
-            in_shardings=(replicated, data_sharding),
-            out_shardings=(replicated, replicated),
-            donate_argnums=0,
-        )
-    else:  # the loop checks for NaN only when it fetches metrics: latch the first bad step on device
-        guarded_step = jax.jit(
-            functools.partial(halt_on_nonfinite, step_fn=step_fn),
-            in_shardings=(replicated, replicated, data_sharding),
-            out_shardings=(replicated, replicated, replicated),
-            donate_argnums=(0, 1),
-        )
-        halted_at = jax.device_put(jnp.array(-1, jnp.int32), replicated)
 
-        def jitted_train_step(state, batch):
-            nonlocal halted_at
-            state, halted_at, metrics = guarded_step(state, halted_at, batch)
-            return state, metrics
+class _Progress:
+    """The loop's record of the run: reported metrics, skipped steps and files, histogram
+    snapshots.  A resumed run carries on from what was recorded with its checkpoint."""
 
-    jitted_eval_step = jax.jit(
-        functools.partial(eval_step, model=model, use_ema=config.ema_decay > 0),
-        in_shardings=(replicated, data_sharding),
-        out_shardings=replicated,
-    )
+    def __init__(self, run: _Run, reporter: ProgressReporter):
+        self.run, self.reporter = run, reporter
+        self.record = reporting.load_run_record(run.workdir, run.start_step) if run.start_step else {}
+        self.last_metrics = {
+            k: self.record[f"train_{k}"] for k in ("loss", "accuracy") if self.record.get(f"train_{k}") is not None
+        }
+        self.skipped: list[int] = list(self.record.get("skipped_nonfinite_steps", []))
+        self.bad_train_files: set[str] = set(self.record.get("skipped_train_files", []))
+        wanted = run.config.loss == "bias"
+        self.wanted_snapshots = snapshot_steps(run.num_train_steps) if wanted else frozenset()
+        self.snapshots_path = os.path.join(run.workdir, plots.SNAPSHOTS_FILE)
+        self.snapshots = plots.load_snapshots(self.snapshots_path) if os.path.exists(self.snapshots_path) else {}
+        self.unfetched: list[tuple[int, dict]] = []  # (completed steps, on-device metrics of that step)
 
-    reporter = ProgressReporter(
-        workdir if is_chief else None, num_train_steps, config.batch_size, config.log_every_steps
-    )
-    train_iterator = pipeline.create_train_iterator(
-        config, start_step=start_step, process_index=jax.process_index(), process_count=jax.process_count()
-    )
-    # A resumed run carries on from what was recorded with its checkpoint.
-    record = reporting.load_run_record(workdir, start_step) if start_step else {}
-    last_metrics = {k: record[f"train_{k}"] for k in ("loss", "accuracy") if record.get(f"train_{k}") is not None}
-    skipped: list[int] = list(record.get("skipped_nonfinite_steps", []))
-    bad_train_files: set[str] = set(record.get("skipped_train_files", []))
-    wanted_snapshots = snapshot_steps(num_train_steps) if config.loss == "bias" else frozenset()
-    snapshots_path = os.path.join(workdir, plots.SNAPSHOTS_FILE)
-    snapshots = plots.load_snapshots(snapshots_path) if os.path.exists(snapshots_path) else {}
-    unfetched: list[tuple[int, dict]] = []  # (completed steps, on-device metrics of that step)
-    in_flight: collections.deque = collections.deque()
-
-    def checked_batches():
-        for step in range(start_step, num_train_steps):
-            local_batch = next(train_iterator)
-            bad = pipeline.pop_bad_files(local_batch, config, config.data.train_split)
-            if bad:
-                _report_bad_files(bad, bad_train_files, config, f"train step {step}")
-            yield local_batch
-
-    def fetch_metrics() -> None:
+    def fetch_metrics(self) -> None:
         """Brings the metrics of the steps run since the last call to the host (one transfer),
         stops on a non-finite step (unless configured to skip), and reports them."""
-        nonlocal last_metrics
-        if not unfetched:
+        config, manager = self.run.config, self.run.manager
+        if not self.unfetched:
             return
         wanted = [
-            (completed, metrics if completed in wanted_snapshots else _without(metrics, PER_EXAMPLE))
-            for completed, metrics in unfetched
+            (completed, metrics if completed in self.wanted_snapshots else _without(metrics, PER_EXAMPLE))
+            for completed, metrics in self.unfetched
         ]
-        unfetched.clear()
+        self.unfetched.clear()
         for completed, metrics in jax.device_get(wanted):
             if not bool(metrics["finite"]):
                 message = _diverged_message(metrics, completed - 1, config.max_abs_weight)
@@ -432,20 +281,53 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, held: c
                     manager.wait_until_finished()  # the last good checkpoint is complete before we stop
                     raise NonFiniteLossError(f"{message}; {_how_to_resume(manager)}")
                 logging.warning("%s; skipped that batch (skip_nonfinite_steps=True)", message)
-                skipped.append(completed - 1)
+                self.skipped.append(completed - 1)
                 continue
             per_example = metrics.pop(PER_EXAMPLE, None)
-            if per_example is not None and is_chief:
-                snapshots[completed] = {k: np.asarray(v) for k, v in per_example.items()}
-                plots.save_snapshots(snapshots_path, snapshots)  # atomic; survives a restart
-            last_metrics = {k: float(np.asarray(v)) for k, v in metrics.items() if k != "finite"}
-            reporter.record(completed, last_metrics)
+            if per_example is not None and self.run.is_chief:
+                self.snapshots[completed] = {k: np.asarray(v) for k, v in per_example.items()}
+                plots.save_snapshots(self.snapshots_path, self.snapshots)  # atomic; survives a restart
+            self.last_metrics = {k: float(np.asarray(v)) for k, v in metrics.items() if k != "finite"}
+            self.reporter.record(completed, self.last_metrics)
+
+    def save_run_record(self, completed: int) -> None:
+        """What a run resumed from checkpoint `completed` carries on from."""
+        reporting.save_run_record(
+            self.run.workdir,
+            completed,
+            {
+                "train_loss": self.last_metrics.get("loss"),
+                "train_accuracy": self.last_metrics.get("accuracy"),
+                "examples_per_sec": _throughput(self.reporter, self.record),
+                "skipped_nonfinite_steps": self.skipped,
+                "skipped_train_files": sorted(self.bad_train_files),
+            },
+            keep_steps=self.run.manager.all_steps(),
+        )
+
+
+def _train(run: _Run, progress: _Progress, state, train_iterator, jitted_train_step, jitted_eval_step):
+    """Steps from `run.start_step` to the end, checkpointing, evaluating and logging on the way;
+    the final state.  Raises `Preempted` after saving when asked to stop."""
+    from skipnet_jax.data import pipeline  # tf.data only where data is read
+
+    config, manager, start_step, num_train_steps = run.config, run.manager, run.start_step, run.num_train_steps
+    data_sharding = run.engine.data_sharding
+    in_flight: collections.deque = collections.deque()
+
+    def checked_batches():
+        for step in range(start_step, num_train_steps):
+            local_batch = next(train_iterator)
+            bad = pipeline.pop_bad_files(local_batch, config, config.data.train_split)
+            if bad:
+                _report_bad_files(bad, progress.bad_train_files, config, f"train step {step}")
+            yield local_batch
 
     batches = sharding.prefetch_to_device(checked_batches(), data_sharding, DEVICE_PREFETCH)
     with PreemptionWatcher() as preemption, _finish_saves_on((BadImageError, KeyboardInterrupt), manager):
         for completed, batch in enumerate(batches, start=start_step + 1):
             state, metrics = jitted_train_step(state, batch)
-            unfetched.append((completed, metrics))
+            progress.unfetched.append((completed, metrics))
             in_flight.append(metrics["finite"])
             if len(in_flight) > MAX_STEPS_IN_FLIGHT:  # waits; the device still has queued steps
                 in_flight.popleft().block_until_ready()
@@ -456,22 +338,11 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, held: c
             )
             # The first step is fetched at once, so throughput and the first log line exclude compilation.
             if save or evaluate_now or completed % config.log_every_steps == 0 or completed == start_step + 1:
-                fetch_metrics()  # before saving: a checkpoint never holds a state past a non-finite step
+                progress.fetch_metrics()  # before saving: a checkpoint never holds a state past a non-finite step
             if save:
                 checkpointing.save(manager, completed, state)
-                if is_chief:
-                    reporting.save_run_record(
-                        workdir,
-                        completed,
-                        {
-                            "train_loss": last_metrics.get("loss"),
-                            "train_accuracy": last_metrics.get("accuracy"),
-                            "examples_per_sec": _throughput(reporter, record),
-                            "skipped_nonfinite_steps": skipped,
-                            "skipped_train_files": sorted(bad_train_files),
-                        },
-                        keep_steps=manager.all_steps(),
-                    )
+                if run.is_chief:
+                    progress.save_run_record(completed)
             if preempted:
                 manager.wait_until_finished()
                 logging.warning(
@@ -481,28 +352,33 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, held: c
                 )
                 raise Preempted(completed, interrupted=preemption.interrupted)
             if evaluate_now:
-                reporter.write_eval(completed, evaluate(jitted_eval_step, state, config, data_sharding)[0])
-        fetch_metrics()
+                progress.reporter.write_eval(completed, evaluate(jitted_eval_step, state, config, data_sharding)[0])
+        progress.fetch_metrics()
         manager.wait_until_finished()
+    return state
 
-    eval_metrics, confusion = evaluate(jitted_eval_step, state, config, data_sharding)
-    reporter.write_eval(num_train_steps, eval_metrics)
+
+def _finish(run: _Run, progress: _Progress, state, jitted_eval_step, wall_start: float) -> dict[str, Any]:
+    """The final evaluation, results.json and the plots; returns the results."""
+    config, info, reporter = run.config, run.info, progress.reporter
+    eval_metrics, confusion = evaluate(jitted_eval_step, state, config, run.engine.data_sharding)
+    reporter.write_eval(run.num_train_steps, eval_metrics)
     results = {
         **eval_metrics,
-        "train_loss": last_metrics.get("loss"),
-        "train_accuracy": last_metrics.get("accuracy"),
+        "train_loss": progress.last_metrics.get("loss"),
+        "train_accuracy": progress.last_metrics.get("accuracy"),
         "steps": int(state.step),
-        "resumed_from_step": start_step,
-        "skipped_nonfinite_steps": skipped,
+        "resumed_from_step": run.start_step,
+        "skipped_nonfinite_steps": progress.skipped,
         # Image folders: unreadable files skipped by this process (each process logs its own) and
         # eval examples lost to them (global); empty class directories of the train split.
-        "skipped_train_files": sorted(bad_train_files),
+        "skipped_train_files": sorted(progress.bad_train_files),
         "skipped_eval_examples": info.num_eval_examples - eval_metrics["eval_examples"],
         "empty_class_dirs": list(info.empty_class_dirs),
-        "examples_per_sec": _throughput(reporter, record),
+        "examples_per_sec": _throughput(reporter, progress.record),
         "wall_seconds": time.time() - wall_start,
         "params_global_norm": float(jax.jit(optax.global_norm)(state.params)),
-        "num_params": int(num_params),
+        "num_params": int(run.num_params),
         "model": config.model,
         "dataset": info.name,
         "loss": config.loss,
@@ -519,11 +395,11 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, held: c
         for key, value in results.items()
         if value is None or (isinstance(value, float) and not np.isfinite(value))
     }
-    if is_chief:
-        write_results(workdir, results)
-        _write_plots(workdir, reporter, num_train_steps, snapshots, confusion, info.class_names)
+    if run.is_chief:
+        write_results(run.workdir, results)
+        _write_plots(run.workdir, reporter, run.num_train_steps, progress.snapshots, confusion, info.class_names)
     reporter.close()
-    manager.close()
+    run.manager.close()
     logging.info("Results: %s", json.dumps(results, sort_keys=True))
     return results
 

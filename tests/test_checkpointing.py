@@ -287,7 +287,10 @@ def untrained_run(digits_data_dir, tmp_path_factory):
     steps_per_epoch, num_train_steps = optim.steps_for(config, info.num_train_examples)
     tx = optim.create_optimizer(config, optim.create_learning_rate_fn(config, steps_per_epoch, num_train_steps))
     model = train.create_model(config, info.num_classes)
-    state = jax.jit(functools.partial(train.create_train_state, config, model, tx))()
+    init = functools.partial(
+        train.create_train_state, model, tx, seed=config.seed, image_size=config.image_size, ema_decay=config.ema_decay
+    )
+    state = jax.jit(init)()
     workdir = tmp_path_factory.mktemp("untrained")
     manager = checkpointing.create_manager(str(workdir), keep=10)
     for step in (2, 4):

@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from skipnet_jax import losses, models, optim, sharding, train
+from skipnet_jax import engine, losses, models, optim, sharding, train  # noqa: F401 - engine: imports too
 from skipnet_jax.data import digits_arrays
 from skipnet_jax.default_config import get_default_config
 
@@ -52,9 +52,13 @@ lr_fn = optim.create_learning_rate_fn(config, steps_per_epoch=10, num_train_step
 tx = optim.create_optimizer(config, lr_fn)
 mesh = sharding.create_mesh()
 replicated, data_sharding = sharding.replicated(mesh), sharding.batch_sharded(mesh)
-state = jax.jit(functools.partial(train.create_train_state, config, model, tx), out_shardings=replicated)()
+init = functools.partial(
+    train.create_train_state, model, tx, seed=config.seed, image_size=config.image_size, ema_decay=config.ema_decay
+)
+state = jax.jit(init, out_shardings=replicated)()
+options = train.StepOptions.from_config(config)
 step = jax.jit(
-    functools.partial(train.train_step, model=model, tx=tx, learning_rate_fn=lr_fn, config=config),
+    functools.partial(train.train_step, model=model, tx=tx, learning_rate_fn=lr_fn, options=options),
     in_shardings=(replicated, data_sharding), out_shardings=(replicated, replicated), donate_argnums=0,
 )
 evaluate = jax.jit(functools.partial(train.eval_step, model=model, use_ema=True))

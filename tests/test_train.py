@@ -122,14 +122,20 @@ def _one_step(config, seed=0):
     """A fresh state, one jitted train step on a fixed random batch, and that batch."""
     model = train.create_model(config, num_classes=10)
     tx = optim.create_optimizer(config, optax.constant_schedule(config.learning_rate))
-    state = train.create_train_state(config, model, tx)
+    state = train.create_train_state(
+        model, tx, seed=config.seed, image_size=config.image_size, ema_decay=config.ema_decay
+    )
     rng = np.random.default_rng(seed)
     batch = {
         "image": jnp.asarray(rng.normal(size=(8, 32, 32, 3)), jnp.float32),
         "label": jnp.asarray(rng.integers(0, 10, size=8), jnp.int32),
     }
     step = functools.partial(
-        train.train_step, model=model, tx=tx, learning_rate_fn=optax.constant_schedule(0.0), config=config
+        train.train_step,
+        model=model,
+        tx=tx,
+        learning_rate_fn=optax.constant_schedule(0.0),
+        options=train.StepOptions.from_config(config),
     )
     return model, state, batch, jax.jit(step)
 
@@ -226,9 +232,12 @@ def step_setup():
     config = tiny_digits_config("/nonexistent", bias_loss={"alpha": 0.3, "beta": 0.3, "mode": "global"})
     model = train.create_model(config, num_classes=10)
     tx = optim.create_optimizer(config, _STEP_SETUP_LR)
-    state = train.create_train_state(config, model, tx)
+    state = train.create_train_state(
+        model, tx, seed=config.seed, image_size=config.image_size, ema_decay=config.ema_decay
+    )
+    options = train.StepOptions.from_config(config)
     step = jax.jit(
-        lambda s, b: train.train_step(s, b, model=model, tx=tx, learning_rate_fn=_STEP_SETUP_LR, config=config)
+        lambda s, b: train.train_step(s, b, model=model, tx=tx, learning_rate_fn=_STEP_SETUP_LR, options=options)
     )
     rng = np.random.default_rng(0)
     batch = {
