@@ -563,11 +563,11 @@ def train_digits(config, threshold: float, seed: int) -> dict[str, Any]:
     data = DigitsInput(config.image_size, config.batch_size, config.eval_batch_size, seed)
     num_classes = int(data.train_labels.max()) + 1
     steps_per_epoch, num_steps = optim.steps_for(config, data.num_train)
-    engine = build_engine(config, num_classes, steps_per_epoch=steps_per_epoch, num_train_steps=num_steps)
+    engine = build_engine(config, num_classes, steps_per_epoch=steps_per_epoch, num_train_steps=num_steps, reuse=False)
     data_sharding = engine.data_sharding
 
-    state = engine.initial_state()
-    step_fn = engine.jitted_train_step()
+    state = engine.initial_state(seed)
+    step_fn = engine.jitted_train_step(seed)
     eval_fn = engine.jitted_eval_step(use_ema=config.ema_decay > 0)
     first = sharding.to_global_batch(data.train_batch(0), data_sharding)
     t0 = time.perf_counter()

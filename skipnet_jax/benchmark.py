@@ -208,11 +208,13 @@ def jax_side(config, mode: str, seed: int = 0, name: str = "jax") -> Side:
     from skipnet_jax import sharding
     from skipnet_jax.engine import build_engine
 
-    engine = build_engine(config, NUM_CLASSES, steps_per_epoch=_STEPS_PER_EPOCH, num_train_steps=_NUM_TRAIN_STEPS)
+    engine = build_engine(
+        config, NUM_CLASSES, steps_per_epoch=_STEPS_PER_EPOCH, num_train_steps=_NUM_TRAIN_STEPS, reuse=False
+    )
     data_sharding = engine.data_sharding
 
     t0 = time.perf_counter()
-    state = engine.initial_state()
+    state = engine.initial_state(seed)
     jax.block_until_ready(state)
     init_s = time.perf_counter() - t0
 
@@ -227,7 +229,7 @@ def jax_side(config, mode: str, seed: int = 0, name: str = "jax") -> Side:
     batch = sharding.to_global_batch(host_batch, data_sharding)
 
     if mode == "train":
-        jitted = engine.jitted_train_step()
+        jitted = engine.jitted_train_step(seed)
     else:
         jitted = engine.jitted_eval_step(use_ema=config.ema_decay > 0)
     t0 = time.perf_counter()

@@ -63,6 +63,7 @@ _sleep = time.sleep  # the wait between tries (tests record it instead)
 
 # In the workdir; locked by the training run that uses the workdir (`workdir_lock`).
 LOCK_FILE = "train.lock"
+CHECKPOINTS_SUBDIR = "checkpoints"
 
 # errno values with which storage says it did not deliver (unreachable, overloaded, refusing
 # access), as opposed to data that was read but is damaged. Network filesystems (NFS, gcsfuse)
@@ -114,7 +115,7 @@ class WorkdirLockedError(ConfigError):
 
 
 def checkpoint_dir(workdir: str) -> str:
-    return os.path.join(os.path.abspath(workdir), "checkpoints")
+    return os.path.join(os.path.abspath(workdir), CHECKPOINTS_SUBDIR)
 
 
 def create_manager(workdir: str, *, keep: int) -> ocp.CheckpointManager:

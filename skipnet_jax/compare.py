@@ -178,7 +178,7 @@ def eval_curves(workdirs: dict) -> dict:
     """``{run name: (steps, eval top-1)}`` from each run's TensorBoard scalars (absent: omitted)."""
     out = {}
     for name, path in workdirs.items():
-        scalars = plots.read_scalars(os.path.join(path, "tensorboard"))
+        scalars = plots.read_scalars(os.path.join(path, reporting.TENSORBOARD_SUBDIR))
         if "eval/top1" in scalars:
             out[name] = scalars["eval/top1"]
     return out
@@ -247,7 +247,7 @@ def run_configs(config, losses, seeds) -> dict:
 def check_reusable(configs: dict, workdir: str) -> None:
     """ConfigError if a run directory holds a run of another config (it would be reused as is)."""
     for name, config in configs.items():
-        saved = reporting.read_json(os.path.join(workdir, name, "config.json"))
+        saved = reporting.read_json(os.path.join(workdir, name, reporting.CONFIG_FILE))
         wanted = json.loads(config.to_json_best_effort())
         diffs = config_validation.config_differences(saved, wanted) if saved is not None else []
         if diffs:
@@ -305,7 +305,7 @@ def main(argv):
     console.configure_logging()
     import jax
 
-    from skipnet_jax import models, train
+    from skipnet_jax import models, stopping, train
 
     try:
         config = FLAGS.config
@@ -322,9 +322,9 @@ def main(argv):
         run_comparison(config, FLAGS.workdir, losses, FLAGS.seeds, title)
     except config_validation.ConfigError as e:
         cli.fail(str(e))
-    except train.Preempted as e:
+    except stopping.Preempted as e:
         logging.warning("%s", e)  # a clean stop: exit code 0, rerunning the command resumes
-    except (train.NonFiniteLossError, train.BadImageError) as e:
+    except (stopping.NonFiniteLossError, train.BadImageError) as e:
         cli.fail(str(e))
 
 

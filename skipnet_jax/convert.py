@@ -646,11 +646,11 @@ def _define_flags():
 
 def _check_classes(config, num_classes: int) -> None:
     """`ConversionError` when the checkpoint's class count is not ``config.dataset``'s."""
-    from skipnet_jax import evaluate
+    from skipnet_jax import inference
     from skipnet_jax.config_validation import ConfigError
 
     try:
-        evaluate.check_dataset_classes(config, num_classes, "the checkpoint", flag="--dataset")
+        inference.check_dataset_classes(config, num_classes, "the checkpoint", flag="--dataset")
     except ConfigError as e:
         raise ConversionError(str(e)) from None
 

@@ -1,17 +1,25 @@
 """The run layer: a config turned into jit-compiled steps over a data-parallel device mesh.
 
 Training, evaluation, the benchmark and the accelerator check all run the same model,
-optimiser, shardings and buffer donation; `build_engine` is the one place that puts them
-together, so what is timed or checked is exactly what trains.  The state is replicated
-over the mesh and every batch is split along its first axis (`skipnet_jax.sharding`).
+optimiser, shardings and buffer donation; `build_engine` (and `build_eval_engine` for a
+model without an optimiser) is the one place that puts them together, so what is timed or
+checked is exactly what trains.  The state is replicated over the mesh and every batch is
+split along its first axis (`skipnet_jax.sharding`).
+
+An engine keeps its jitted functions, and `build_engine` returns the engine it built
+before for a config that differs only in what the steps never read (the seed, which the
+steps take as a traced argument, and the data settings): runs that differ only in their
+seed, like the ones `skipnet_jax.compare` makes, trace and compile their steps once.
 
 Like `skipnet_jax.steps`, this module must not import TensorFlow, directly or indirectly.
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
+import json
 from collections.abc import Callable
 from typing import Any
 
@@ -26,88 +34,168 @@ from skipnet_jax.steps import StepOptions, TrainState
 
 TrainStepFn = Callable[[TrainState, Any], tuple[TrainState, dict]]
 
+_ENGINE_CACHE_SIZE = 4  # engines (with their compiled steps) kept for reuse
+# Config fields no step reads: the seed is a traced argument; the data settings reach the
+# engine only through `num_classes` and the schedule's `steps_per_epoch` / `num_train_steps`.
+_FIELDS_STEPS_IGNORE = ("seed", "data", "data_dir")
+_engines: collections.OrderedDict[tuple, Engine] = collections.OrderedDict()
 
-@dataclasses.dataclass(frozen=True, eq=False)
-class Engine:
-    """Model, schedule, optimiser and mesh of one run, and its jitted steps.
 
-    Each ``jitted_*`` call returns a new jitted function (compiled on first use): call it
-    once and keep the result.
-    """
+@dataclasses.dataclass(frozen=True, eq=False, kw_only=True)
+class EvalEngine:
+    """A model on a mesh, and its jitted eval step: all that evaluating a checkpoint or
+    converted weights needs."""
 
     model: Any  # a flax Module
-    learning_rate_fn: optax.Schedule
-    tx: optax.GradientTransformation
     mesh: Mesh
     replicated: NamedSharding  # the train state and the metrics
     data_sharding: NamedSharding  # batches: split along the first axis
+    _jitted: dict = dataclasses.field(default_factory=dict, repr=False)  # jitted functions, built once
+
+    def _memoized(self, key, build: Callable[[], Callable]) -> Callable:
+        if key not in self._jitted:
+            self._jitted[key] = build()
+        return self._jitted[key]
+
+    def jitted_logits(self) -> Callable[[dict, jax.Array], jax.Array]:
+        """``(variables, images) -> logits`` in eval mode, for any number of images: inputs
+        and outputs are replicated, not split, since a prediction's batch need not divide
+        among the devices."""
+        return self._memoized(
+            "logits",
+            lambda: jax.jit(
+                lambda variables, images: self.model.apply(variables, images, train=False)[0],
+                in_shardings=(self.replicated, self.replicated),
+                out_shardings=self.replicated,
+            ),
+        )
+
+    def jitted_eval_step(self, *, use_ema: bool) -> Callable[[TrainState, Any], dict]:
+        """``(state, batch) -> sums``, `steps.eval_step` on the EMA weights if `use_ema`."""
+        return self._memoized(
+            ("eval", use_ema),
+            lambda: jax.jit(
+                functools.partial(steps.eval_step, model=self.model, use_ema=use_ema),
+                in_shardings=(self.replicated, self.data_sharding),
+                out_shardings=self.replicated,
+            ),
+        )
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class BoundTrainStep:
+    """``(state, batch) -> (state, metrics)``: a jitted train step with the run's seed bound."""
+
+    jitted: Any  # the jax.jit function of (state, batch, seed)
+    seed: jax.Array
+
+    def __call__(self, state: TrainState, batch) -> tuple[TrainState, dict]:
+        return self.jitted(state, batch, self.seed)
+
+    def lower(self, state: TrainState, batch):
+        """The step lowered for these arguments (``.compile()`` it to time XLA alone)."""
+        return self.jitted.lower(state, batch, self.seed)
+
+
+@dataclasses.dataclass(frozen=True, eq=False, kw_only=True)
+class Engine(EvalEngine):
+    """Model, schedule, optimiser and mesh of one run, and its jitted steps.
+
+    The jitted functions are built on first use and kept: asking again (for another seed
+    too) returns the same compiled code.
+    """
+
+    learning_rate_fn: optax.Schedule
+    tx: optax.GradientTransformation
     options: StepOptions
     image_size: int
 
-    def _init_fn(self) -> Callable[[], TrainState]:
+    def _init_fn(self) -> Callable[[jax.Array], TrainState]:
         return functools.partial(
             steps.create_train_state,
             self.model,
             self.tx,
-            seed=self.options.seed,
             image_size=self.image_size,
             ema_decay=self.options.ema_decay,
         )
 
-    def initial_state(self) -> TrainState:
+    def _seed(self, seed: int) -> jax.Array:
+        return jax.device_put(jnp.asarray(seed, jnp.int32), self.replicated)
+
+    def initial_state(self, seed: int) -> TrainState:
         """The freshly initialised state (`steps.create_train_state`), replicated over the mesh."""
-        return jax.jit(self._init_fn(), out_shardings=self.replicated)()
+        init = self._memoized("init", lambda: jax.jit(self._init_fn(), out_shardings=self.replicated))
+        return init(self._seed(seed))
 
     def abstract_state(self) -> TrainState:
         """The state's shapes and dtypes with its sharding (what a checkpoint is restored into);
         nothing is compiled or computed."""
         return jax.tree.map(
             lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=self.replicated),
-            jax.eval_shape(self._init_fn()),
+            jax.eval_shape(self._init_fn(), jax.ShapeDtypeStruct((), jnp.int32)),
         )
 
-    def jitted_train_step(self, *, halt_on_nonfinite: bool = False) -> TrainStepFn:
-        """``(state, batch) -> (state, metrics)``, `steps.train_step` with the state's buffers donated.
-
-        `halt_on_nonfinite`: wrapped in `steps.halt_on_nonfinite`, whose latch lives on the
-        device and is carried from call to call here, so once a step is not finite the
-        state stays as it was before that step, however many steps were dispatched after
-        it.  Without it the result is the `jax.jit` function itself (``.lower()`` works).
-        """
-        step_fn = functools.partial(
+    def _step_fn(self) -> Callable:
+        return functools.partial(
             steps.train_step,
             model=self.model,
             tx=self.tx,
             learning_rate_fn=self.learning_rate_fn,
             options=self.options,
         )
+
+    def jitted_train_step(self, seed: int, *, halt_on_nonfinite: bool = False) -> TrainStepFn:
+        """``(state, batch) -> (state, metrics)``, `steps.train_step` of run seed `seed` with the
+        state's buffers donated.
+
+        `halt_on_nonfinite`: wrapped in `steps.halt_on_nonfinite`, whose latch lives on the
+        device and is carried from call to call of the returned function, so once a step is
+        not finite the state stays as it was before that step, however many steps were
+        dispatched after it.  Without it the result is a `BoundTrainStep` (``.lower()`` works).
+        """
         replicated, data = self.replicated, self.data_sharding
+        seed_array = self._seed(seed)
         if not halt_on_nonfinite:
-            return jax.jit(
-                step_fn, in_shardings=(replicated, data), out_shardings=(replicated, replicated), donate_argnums=0
+            jitted = self._memoized(
+                "train",
+                lambda: jax.jit(
+                    self._step_fn(),
+                    in_shardings=(replicated, data, replicated),
+                    out_shardings=(replicated, replicated),
+                    donate_argnums=0,
+                ),
             )
-        guarded_step = jax.jit(
-            functools.partial(steps.halt_on_nonfinite, step_fn=step_fn),
-            in_shardings=(replicated, replicated, data),
-            out_shardings=(replicated, replicated, replicated),
-            donate_argnums=(0, 1),
+            return BoundTrainStep(jitted, seed_array)
+        guarded_step = self._memoized(
+            "train_halting",
+            lambda: jax.jit(
+                functools.partial(steps.halt_on_nonfinite, step_fn=self._step_fn()),
+                in_shardings=(replicated, replicated, data, replicated),
+                out_shardings=(replicated, replicated, replicated),
+                donate_argnums=(0, 1),
+            ),
         )
         halted_at = jax.device_put(jnp.array(-1, jnp.int32), replicated)
 
         def latched_train_step(state, batch):
             nonlocal halted_at
-            state, halted_at, metrics = guarded_step(state, halted_at, batch)
+            state, halted_at, metrics = guarded_step(state, halted_at, batch, seed_array)
             return state, metrics
 
         return latched_train_step
 
-    def jitted_eval_step(self, *, use_ema: bool) -> Callable[[TrainState, Any], dict]:
-        """``(state, batch) -> sums``, `steps.eval_step` on the EMA weights if `use_ema`."""
-        return jax.jit(
-            functools.partial(steps.eval_step, model=self.model, use_ema=use_ema),
-            in_shardings=(self.replicated, self.data_sharding),
-            out_shardings=self.replicated,
-        )
+
+def build_eval_engine(model, mesh: Mesh | None = None) -> EvalEngine:
+    """The eval-only engine of `model` (a flax Module); `mesh` as in `build_engine`."""
+    mesh = sharding.create_mesh() if mesh is None else mesh
+    return EvalEngine(
+        model=model, mesh=mesh, replicated=sharding.replicated(mesh), data_sharding=sharding.batch_sharded(mesh)
+    )
+
+
+def _engine_key(config: ml_collections.ConfigDict, *args) -> tuple:
+    fields = {k: v for k, v in config.to_dict().items() if k not in _FIELDS_STEPS_IGNORE}
+    return (json.dumps(fields, sort_keys=True, default=repr), *args)
 
 
 def build_engine(
@@ -117,24 +205,35 @@ def build_engine(
     steps_per_epoch: int,
     num_train_steps: int,
     mesh: Mesh | None = None,
+    reuse: bool = True,
 ) -> Engine:
     """The engine of `config` for `num_classes` classes; the schedule's epochs are
     `steps_per_epoch` steps, its length `num_train_steps` (`optim.steps_for`).
 
-    `mesh` defaults to every device of every process (`sharding.create_mesh`).  Raises
-    ValueError for an unknown schedule or optimiser name.
+    `mesh` defaults to every device of every process (`sharding.create_mesh`).  The engine
+    of an equal config (up to `_FIELDS_STEPS_IGNORE`) and mesh built earlier in this
+    process is returned again, with its compiled steps, unless `reuse` is False (what
+    times tracing and compilation needs a new one).  Raises ValueError for an unknown
+    schedule or optimiser name.
     """
+    mesh = sharding.create_mesh() if mesh is None else mesh
+    key = _engine_key(config, num_classes, steps_per_epoch, num_train_steps, mesh)
+    if reuse and key in _engines:
+        _engines.move_to_end(key)
+        return _engines[key]
     model = steps.create_model(config, num_classes)
     learning_rate_fn = optim.create_learning_rate_fn(config, steps_per_epoch, num_train_steps)
-    tx = optim.create_optimizer(config, learning_rate_fn)
-    mesh = sharding.create_mesh() if mesh is None else mesh
-    return Engine(
+    engine = Engine(
         model=model,
         learning_rate_fn=learning_rate_fn,
-        tx=tx,
+        tx=optim.create_optimizer(config, learning_rate_fn),
         mesh=mesh,
         replicated=sharding.replicated(mesh),
         data_sharding=sharding.batch_sharded(mesh),
         options=StepOptions.from_config(config),
         image_size=int(config.image_size),
     )
+    _engines[key] = engine
+    while len(_engines) > _ENGINE_CACHE_SIZE:
+        _engines.popitem(last=False)
+    return engine

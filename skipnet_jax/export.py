@@ -179,7 +179,7 @@ def _export_model(loaded) -> nn.Module:
 
 
 def inference_function(loaded, *, fold: bool = True) -> Callable[[jax.Array], jax.Array]:
-    """``images -> logits`` of `loaded` (an `evaluate.LoadedModel`) in eval mode, weights baked in."""
+    """``images -> logits`` of `loaded` (an `inference.LoadedModel`) in eval mode, weights baked in."""
     model = _export_model(loaded)
     variables = jax.tree.map(np.asarray, loaded.variables)
     if fold:
@@ -344,16 +344,16 @@ def _batched(images: np.ndarray, batch: int, run: Callable[[np.ndarray], np.ndar
 def main(argv: list[str]) -> None:
     from absl import flags
 
-    from skipnet_jax import evaluate
+    from skipnet_jax import inference, workdir_flags
 
     if len(argv) > 1:
         cli.fail(f"unexpected arguments {argv[1:]}")
-    evaluate.quiet_libraries()
+    workdir_flags.quiet_libraries()
     f = flags.FLAGS
     try:
         if f.format not in FORMATS:
             raise ConfigError(f"--format={f.format!r} is not valid; valid choices: {', '.join(FORMATS)}")
-        loaded = evaluate.load_model(f.workdir, evaluate.config_from_flags())
+        loaded = inference.load_model(f.workdir, workdir_flags.config_from_flags())
         summary = export(loaded, f.format, f.output, batch_size=f.batch_size, fold=f.fold_batch_norm)
     except (ConfigError, OSError) as e:
         cli.fail(str(e))
@@ -372,12 +372,12 @@ if __name__ == "__main__":
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     from absl import app, flags
 
-    from skipnet_jax import evaluate
+    from skipnet_jax import workdir_flags
 
     flags.DEFINE_string("format", None, "tflite | onnx")
     flags.DEFINE_string("output", None, "Output file (.tflite / .onnx).")
     flags.DEFINE_integer("batch_size", 1, "Fixed batch size of the exported model.")
     flags.DEFINE_boolean("fold_batch_norm", True, "Fold ConvBN batch norms into their convolutions.")
     flags.mark_flags_as_required(["format", "output"])
-    evaluate.define_workdir_flags(sys.argv, "Training workdir or `skipnet_jax.convert` output directory.")
+    workdir_flags.define_workdir_flags(sys.argv, "Training workdir or `skipnet_jax.convert` output directory.")
     app.run(main, flags_parser=cli.parse_absl_flags)

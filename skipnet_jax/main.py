@@ -15,7 +15,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from skipnet_jax import cli, config_validation, console, models, train
+from skipnet_jax import cli, config_validation, console, models, stopping, train
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, TensorBoard logs and results.json.")
@@ -70,14 +70,14 @@ def main(argv):
         train.train_and_evaluate(config, FLAGS.workdir)
     except config_validation.ConfigError as e:  # found once the dataset is opened
         cli.fail(str(e))
-    except train.Preempted as e:  # a clean stop; the next start resumes
+    except stopping.Preempted as e:  # a clean stop; the next start resumes
         logging.warning("%s", e)
         if e.interrupted:
             sys.exit(130)  # Ctrl-C: the shell's convention for a run stopped by SIGINT
     except KeyboardInterrupt:  # a second Ctrl-C, or one outside the training loop; saves are finished
         print("interrupted; the checkpoints already saved are kept, rerun the same command to resume", file=sys.stderr)
         sys.exit(130)
-    except (train.NonFiniteLossError, train.BadImageError) as e:
+    except (stopping.NonFiniteLossError, train.BadImageError) as e:
         logging.error("%s", e)
         cli.fail(str(e))
 

@@ -32,7 +32,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from skipnet_jax.default_config import get_default_config
-from skipnet_jax.reporting import CONFIG_FILE, EVAL_RESULTS_FILE
+from skipnet_jax.reporting import CONFIG_FILE, EVAL_RESULTS_FILE, TENSORBOARD_SUBDIR
 
 PLOTS_SUBDIR = "plots"
 SNAPSHOTS_FILE = "bias_snapshots.npz"
@@ -433,6 +433,11 @@ def _loss_params(workdir: str) -> tuple[float, float]:
         return DEFAULT_ALPHA, DEFAULT_BETA
 
 
+def plot_path(workdir: str, name: str) -> str:
+    """Where figure `name` of `workdir` is written: ``WORKDIR/plots/<name>.png``."""
+    return os.path.join(workdir, PLOTS_SUBDIR, f"{name}.png")
+
+
 def save_all(
     workdir: str,
     *,
@@ -448,13 +453,12 @@ def save_all(
     ``{figure name: png path}`` of what was written.
     """
     alpha, beta = _loss_params(workdir)
-    out_dir = os.path.join(workdir, PLOTS_SUBDIR)
     written: dict[str, str] = {}
 
     def write(name: str, fig: Figure) -> None:
-        written[name] = save_figure(fig, os.path.join(out_dir, f"{name}.png"))
+        written[name] = save_figure(fig, plot_path(workdir, name))
 
-    scalars = read_scalars(os.path.join(workdir, "tensorboard"))
+    scalars = read_scalars(os.path.join(workdir, TENSORBOARD_SUBDIR))
     if scalars:
         write(
             "training_curves",

@@ -242,7 +242,7 @@ def predict(loaded, paths: Sequence[str], top_k: int = 5, batch_size: int = 32) 
     probability), ...]}``, or ``{"path", "error"}`` (a one-line reason) for a file that
     cannot be read or decoded, so that one bad file does not cost the others.
 
-    `loaded` is an `evaluate.LoadedModel`; the model runs in eval mode (batch-norm running
+    `loaded` is an `inference.LoadedModel`; the model runs in eval mode (batch-norm running
     statistics, no dropout).  ``top`` is sorted by probability, at most `top_k` entries.
     """
     mode, mean, std = eval_preprocessing(loaded.config)
@@ -302,19 +302,19 @@ def _existing_files(paths: Sequence[str]) -> list[str]:
 def main(argv: list[str]) -> None:
     from absl import flags
 
-    from skipnet_jax import evaluate
+    from skipnet_jax import inference, workdir_flags
 
     paths = argv[1:]
     if not paths:
         cli.fail("no images given: python -m skipnet_jax.predict --workdir DIR IMAGE [IMAGE ...]")
-    evaluate.quiet_libraries()
+    workdir_flags.quiet_libraries()
     try:
         if flags.FLAGS.top_k < 1:
             raise ConfigError(f"--top_k={flags.FLAGS.top_k} must be >= 1")
         existing = _existing_files(paths)
         if not existing:
             sys.exit(2)
-        loaded = evaluate.load_model(flags.FLAGS.workdir, evaluate.config_from_flags())
+        loaded = inference.load_model(flags.FLAGS.workdir, workdir_flags.config_from_flags())
         predictions = predict(loaded, existing, top_k=flags.FLAGS.top_k)
     except (ConfigError, OSError) as e:
         cli.fail(str(e))
@@ -338,8 +338,8 @@ if __name__ == "__main__":
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     from absl import app, flags
 
-    from skipnet_jax import evaluate
+    from skipnet_jax import workdir_flags
 
     flags.DEFINE_integer("top_k", 5, "How many classes to print per image.")
-    evaluate.define_workdir_flags(sys.argv, "Training workdir or `skipnet_jax.convert` output directory.")
+    workdir_flags.define_workdir_flags(sys.argv, "Training workdir or `skipnet_jax.convert` output directory.")
     app.run(main, flags_parser=cli.parse_absl_flags)

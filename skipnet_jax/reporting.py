@@ -31,7 +31,7 @@ class ProgressReporter:
             # flax's SummaryWriter is TensorFlow's: imported only when there is a log to write.
             from flax.metrics import tensorboard
 
-            self._writer = tensorboard.SummaryWriter(os.path.join(workdir, "tensorboard"))
+            self._writer = tensorboard.SummaryWriter(os.path.join(workdir, TENSORBOARD_SUBDIR))
         self._num_train_steps = num_train_steps
         self._batch_size = batch_size
         self._log_every = log_every_steps
@@ -109,6 +109,7 @@ RESULTS_FILE = "results.json"  # WORKDIR/results.json: the finished run's number
 # WORKDIR/run_record.json: per checkpointed step, what a resumed run must carry on from (last
 # train metrics, skipped steps and files); results.json is built from it when the loop is not
 # re-run (a finished run, or one preempted at its last step).
+TENSORBOARD_SUBDIR = "tensorboard"  # the event files of the run
 RUN_RECORD_FILE = "run_record.json"
 # WORKDIR/eval_results.json: written by `python -m skipnet_jax.evaluate`, never by training.
 EVAL_RESULTS_FILE = "eval_results.json"

@@ -32,6 +32,8 @@ class StepOptions:
 
     Frozen and hashable: a jitted step closes over these few values instead of the
     whole (mutable) config, so what the compiled step depends on is visible here.
+    The seed is not among them: it is a traced argument, so runs that differ only in
+    their seed share one compiled step.
     """
 
     loss: str  # "bias" | "ce"
@@ -41,7 +43,6 @@ class StepOptions:
     bias_mode: str  # "local" | "global"
     ema_decay: float  # 0: no EMA
     max_abs_weight: float  # 0: no bound
-    seed: int
 
     @classmethod
     def from_config(cls, config: ml_collections.ConfigDict) -> StepOptions:
@@ -53,7 +54,6 @@ class StepOptions:
             bias_mode=config.bias_loss.mode,
             ema_decay=float(config.ema_decay),
             max_abs_weight=float(config.max_abs_weight),
-            seed=int(config.seed),
         )
 
 
@@ -79,10 +79,10 @@ def create_model(config: ml_collections.ConfigDict, num_classes: int):
 
 
 def create_train_state(
-    model, tx: optax.GradientTransformation, *, seed: int, image_size: int, ema_decay: float
+    model, tx: optax.GradientTransformation, seed: int | jax.Array, *, image_size: int, ema_decay: float
 ) -> TrainState:
-    """Initial parameters, BN statistics and optimiser state (a pure function of the seed);
-    EMA copies of the weights when `ema_decay` > 0."""
+    """Initial parameters, BN statistics and optimiser state (a pure function of the seed,
+    which may be traced); EMA copies of the weights when `ema_decay` > 0."""
     rng = jax.random.fold_in(jax.random.key(seed), _INIT_STREAM)
     images = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
     variables = model.init(rng, images, train=False)
@@ -104,16 +104,18 @@ def _ema_update(ema, new, decay):
 
 
 def train_step(
-    state: TrainState, batch, *, model, tx, learning_rate_fn, options: StepOptions
+    state: TrainState, batch, seed: int | jax.Array, *, model, tx, learning_rate_fn, options: StepOptions
 ) -> tuple[TrainState, dict]:
     """One optimisation step on a (global) batch; returns the new state and scalar metrics.
+
+    `seed` is the run's seed (traced under jit); dropout masks are drawn from it and the step.
 
     A step whose loss or gradient is not finite, or that would take a weight beyond
     ``options.max_abs_weight``, leaves everything but the step counter unchanged and
     reports `finite = False`, so the loop can stop with the last good weights (or skip
     the batch, if configured to).
     """
-    dropout_rng = jax.random.fold_in(jax.random.fold_in(jax.random.key(options.seed), _DROPOUT_STREAM), state.step)
+    dropout_rng = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), _DROPOUT_STREAM), state.step)
     labels = batch["label"]
 
     def loss_fn(params):
@@ -193,7 +195,9 @@ def train_step(
     return new_state, metrics
 
 
-def halt_on_nonfinite(state: TrainState, halted_at: jax.Array, batch, *, step_fn) -> tuple[TrainState, jax.Array, dict]:
+def halt_on_nonfinite(
+    state: TrainState, halted_at: jax.Array, batch, seed: jax.Array, *, step_fn
+) -> tuple[TrainState, jax.Array, dict]:
     """`step_fn` (a bound `train_step`), made a no-op from the first non-finite step on.
 
     `halted_at` is -1 until a step reports ``finite = False``, then that step's index.
@@ -202,7 +206,7 @@ def halt_on_nonfinite(state: TrainState, halted_at: jax.Array, batch, *, step_fn
     it does notice a NaN, the state it holds is exactly the one before the bad step,
     however many steps were dispatched after it.
     """
-    new_state, metrics = step_fn(state, batch)
+    new_state, metrics = step_fn(state, batch, seed)
     halted = halted_at >= 0
     new_state = jax.tree.map(lambda new, old: jnp.where(halted, old, new), new_state, state)
     halted_at = jnp.where(halted | metrics["finite"], halted_at, state.step)

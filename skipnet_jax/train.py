@@ -16,8 +16,6 @@ import contextlib
 import dataclasses
 import json
 import os
-import signal
-import threading
 import time
 from typing import Any
 
@@ -28,7 +26,7 @@ import numpy as np
 import optax
 from absl import logging
 
-from skipnet_jax import checkpointing, config_validation, optim, plots, reporting, sharding
+from skipnet_jax import checkpointing, config_validation, init_from, optim, plots, reporting, sharding, stopping
 from skipnet_jax.config_validation import ConfigError, check_num_classes
 from skipnet_jax.engine import Engine, build_engine
 from skipnet_jax.reporting import CONFIG_FILE, ProgressReporter, write_results
@@ -54,10 +52,6 @@ DEVICE_PREFETCH = 2
 # Train steps the host may dispatch ahead of the device. Without a bound the host would queue a
 # whole logging window, each queued step holding its input batch in device memory.
 MAX_STEPS_IN_FLIGHT = 2
-
-
-class NonFiniteLossError(RuntimeError):
-    """Training produced a NaN/Inf loss or gradient."""
 
 
 class BadImageError(RuntimeError):
@@ -173,7 +167,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, held: c
     run, state = set_up
     # The loop checks for NaN only when it fetches metrics: unless bad steps are to be skipped,
     # the first one is latched on the device.
-    jitted_train_step = run.engine.jitted_train_step(halt_on_nonfinite=not config.skip_nonfinite_steps)
+    jitted_train_step = run.engine.jitted_train_step(config.seed, halt_on_nonfinite=not config.skip_nonfinite_steps)
     jitted_eval_step = run.engine.jitted_eval_step(use_ema=config.ema_decay > 0)
 
     reporter = ProgressReporter(
@@ -206,7 +200,7 @@ def _set_up(
     # Shapes only: a resumed run never pays for compiling the initialisation.
     abstract_state = engine.abstract_state()
     # Checked before anything is written: a wrong init_from leaves no workdir behind.
-    initial_weights = _load_initial_weights(config.init_from, abstract_state) if config.init_from else None
+    initial_weights = init_from.load_initial_weights(config.init_from, abstract_state) if config.init_from else None
 
     try:
         os.makedirs(workdir, exist_ok=True)
@@ -222,9 +216,9 @@ def _set_up(
         state = jax.device_put(restored, engine.replicated)
         logging.info("Resumed from %s at step %d", checkpointing.checkpoint_dir(workdir), int(state.step))
     else:
-        state = engine.initial_state()
+        state = engine.initial_state(config.seed)
         if initial_weights is not None:
-            state = jax.device_put(_with_initial_weights(state, initial_weights), engine.replicated)
+            state = jax.device_put(init_from.with_initial_weights(state, initial_weights), engine.replicated)
             logging.info("Initialised weights from %s", config.init_from)
     start_step = int(state.step)
     if start_step >= num_train_steps:
@@ -276,10 +270,10 @@ class _Progress:
         self.unfetched.clear()
         for completed, metrics in jax.device_get(wanted):
             if not bool(metrics["finite"]):
-                message = _diverged_message(metrics, completed - 1, config.max_abs_weight)
+                message = stopping.diverged_message(metrics, completed - 1, config.max_abs_weight)
                 if not config.skip_nonfinite_steps:
                     manager.wait_until_finished()  # the last good checkpoint is complete before we stop
-                    raise NonFiniteLossError(f"{message}; {_how_to_resume(manager)}")
+                    raise stopping.NonFiniteLossError(f"{message}; {stopping.how_to_resume(manager)}")
                 logging.warning("%s; skipped that batch (skip_nonfinite_steps=True)", message)
                 self.skipped.append(completed - 1)
                 continue
@@ -308,7 +302,7 @@ class _Progress:
 
 def _train(run: _Run, progress: _Progress, state, train_iterator, jitted_train_step, jitted_eval_step):
     """Steps from `run.start_step` to the end, checkpointing, evaluating and logging on the way;
-    the final state.  Raises `Preempted` after saving when asked to stop."""
+    the final state.  Raises `stopping.Preempted` after saving when asked to stop."""
     from skipnet_jax.data import pipeline  # tf.data only where data is read
 
     config, manager, start_step, num_train_steps = run.config, run.manager, run.start_step, run.num_train_steps
@@ -324,7 +318,10 @@ def _train(run: _Run, progress: _Progress, state, train_iterator, jitted_train_s
             yield local_batch
 
     batches = sharding.prefetch_to_device(checked_batches(), data_sharding, DEVICE_PREFETCH)
-    with PreemptionWatcher() as preemption, _finish_saves_on((BadImageError, KeyboardInterrupt), manager):
+    with (
+        stopping.PreemptionWatcher() as preemption,
+        stopping.finish_saves_on((BadImageError, KeyboardInterrupt), manager),
+    ):
         for completed, batch in enumerate(batches, start=start_step + 1):
             state, metrics = jitted_train_step(state, batch)
             progress.unfetched.append((completed, metrics))
@@ -350,7 +347,7 @@ def _train(run: _Run, progress: _Progress, state, train_iterator, jitted_train_s
                     "Interrupted" if preemption.interrupted else "Preempted",
                     completed,
                 )
-                raise Preempted(completed, interrupted=preemption.interrupted)
+                raise stopping.Preempted(completed, interrupted=preemption.interrupted)
             if evaluate_now:
                 progress.reporter.write_eval(completed, evaluate(jitted_eval_step, state, config, data_sharding)[0])
         progress.fetch_metrics()
@@ -434,126 +431,3 @@ def _write_plots(workdir, reporter, step, snapshots, confusion, class_names) -> 
         return
     reporter.write_images(step, written)
     logging.info("Plots: %s", ", ".join(sorted(written.values())))
-
-
-@contextlib.contextmanager
-def _finish_saves_on(error_type, manager):
-    """On `error_type`, lets pending checkpoint saves complete before it propagates."""
-    try:
-        yield
-    except error_type:
-        manager.wait_until_finished()
-        raise
-
-
-def _diverged_message(metrics: dict, step: int, max_abs_weight: float) -> str:
-    """Why step `step` was rejected: a NaN/Inf, or weights pushed past ``config.max_abs_weight``."""
-    loss, grad_norm, weight = (float(metrics[k]) for k in ("loss", "grad_norm", "max_abs_weight"))
-    if np.isfinite(loss) and np.isfinite(grad_norm) and np.isfinite(weight):
-        what = (
-            f"diverging weights at step {step} (the update would make a weight {weight:.3g} in magnitude, "
-            f"beyond config.max_abs_weight={max_abs_weight:g}; loss={loss}, grad_norm={grad_norm})"
-        )
-    else:
-        what = f"non-finite loss or gradient at step {step} (loss={loss}, grad_norm={grad_norm})"
-    return f"{what}; the weights were not updated"
-
-
-def _how_to_resume(manager) -> str:
-    """Names the checkpoint a rerun resumes from (every saved one predates the rejected step)."""
-    step = manager.latest_step()
-    if step is None:
-        return "no checkpoint was saved yet: fix the config (e.g. a lower --config.learning_rate) and rerun"
-    path = os.path.join(str(manager.directory), str(step))
-    return (
-        f"last good checkpoint: {path} (step {step}); rerun the same command with a fix "
-        "(e.g. a lower --config.learning_rate) to resume from it"
-    )
-
-
-def _load_initial_weights(directory: str, abstract_state: TrainState) -> dict:
-    """``{"params", "batch_stats"}`` of a converted checkpoint (`python -m skipnet_jax.convert`),
-    checked against the configured model's shapes."""
-    from skipnet_jax import convert  # only needed for init_from
-
-    try:
-        variables, meta = convert.load_variables(directory)
-    except convert.ConversionError as e:
-        raise ConfigError(f"config.init_from={directory!r}: {e}") from e
-    wanted = {"params": abstract_state.params, "batch_stats": abstract_state.batch_stats}
-    got = {k: variables.get(k, {}) for k in wanted}
-    if jax.tree.structure(got) != jax.tree.structure(wanted) or any(
-        a.shape != b.shape for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(wanted))
-    ):
-        raise ConfigError(
-            f"config.init_from={directory!r} holds {meta.get('model')} with {meta.get('num_classes')} classes, "
-            "which does not fit the configured model/num_classes"
-        )
-    return got
-
-
-def _with_initial_weights(state: TrainState, weights: dict) -> TrainState:
-    """`state` with the weights and BN statistics of `_load_initial_weights` (EMA copies too)."""
-    params, batch_stats = weights["params"], weights["batch_stats"]
-    return state.replace(
-        params=params,
-        batch_stats=batch_stats,
-        opt_state=state.opt_state,
-        ema_params=params if state.ema_params else {},
-        ema_batch_stats=batch_stats if state.ema_batch_stats else {},
-    )
-
-
-class Preempted(Exception):
-    """Training stopped early on request (SIGTERM, preemption notice or Ctrl-C) after saving a
-    checkpoint. `interrupted`: the request was Ctrl-C (SIGINT), which the command line reports
-    with exit status 130 so a shell script does not carry on as if training had finished."""
-
-    def __init__(self, step: int, *, interrupted: bool = False):
-        super().__init__(f"{'interrupted' if interrupted else 'preempted'} at step {step}; checkpoint saved")
-        self.step = step
-        self.interrupted = interrupted
-
-
-class PreemptionWatcher:
-    """Turns SIGTERM, and Ctrl-C (SIGINT) in a single-process run, into a request to checkpoint
-    and stop at the next step boundary.
-
-    A second Ctrl-C stops at once (KeyboardInterrupt; pending saves still finish, see
-    `_finish_saves_on`). In a multi-process run every process must stop at the same step, so the
-    decision comes from orbax/JAX's preemption sync (`reached_preemption`), which agrees on a step
-    across hosts; there SIGINT keeps Python's default (a process stopped alone cannot agree on a
-    step with the others).
-    """
-
-    def __init__(self):
-        self._signum: int | None = None
-        self._previous: dict[int, Any] = {}
-
-    @property
-    def interrupted(self) -> bool:
-        return self._signum == signal.SIGINT
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            signals = [signal.SIGTERM] + ([signal.SIGINT] if jax.process_count() == 1 else [])
-            self._previous = {signum: signal.signal(signum, self._handle) for signum in signals}
-        return self
-
-    def __exit__(self, *exc):
-        for signum, previous in self._previous.items():
-            signal.signal(signum, previous)
-        return False
-
-    def _handle(self, signum, frame):
-        if signum == signal.SIGINT and self.interrupted:
-            raise KeyboardInterrupt
-        name = "Ctrl-C" if signum == signal.SIGINT else "SIGTERM"
-        again = " (Ctrl-C again: stop without saving)" if signum == signal.SIGINT else ""
-        logging.warning("%s received: saving a checkpoint at the end of this step, then stopping%s.", name, again)
-        self._signum = self._signum or signum
-
-    def requested(self, manager, step: int) -> bool:
-        if jax.process_count() > 1:
-            return bool(manager.reached_preemption(step))
-        return self._signum is not None

@@ -301,16 +301,16 @@ def untrained_run(digits_data_dir, tmp_path_factory):
 
 
 def test_evaluate_moves_nothing_and_training_then_refuses_to_start_over(untrained_run, tmp_path, sleeps):
-    from skipnet_jax import evaluate, train
+    from skipnet_jax import inference, train
 
     source, config = untrained_run
     workdir = str(tmp_path / "run")
     shutil.copytree(source, workdir)
-    assert evaluate.load_model(workdir, config.copy_and_resolve_references()).step == 4
+    assert inference.load_model(workdir, config.copy_and_resolve_references()).step == 4
     for step in (2, 4):
         _damage(workdir, step)
     with pytest.raises(ConfigError, match="no readable checkpoint") as caught:
-        evaluate.load_model(workdir, config.copy_and_resolve_references())
+        inference.load_model(workdir, config.copy_and_resolve_references())
     assert "\n" not in str(caught.value)
     assert _listing(workdir) == ["2", "4"]  # a read-only command changed nothing
 

@@ -232,11 +232,11 @@ def test_data_num_threads_is_a_setting_and_sizes_the_tf_data_pool():
 
 def test_config_json_of_an_earlier_version_is_read(tmp_path):
     """A run's config.json with a retired key and without a newer field still loads for evaluate."""
-    from skipnet_jax import evaluate
+    from skipnet_jax import inference
 
     values = json.loads(get_default_config().to_json_best_effort())
     values["data"]["shuffle_buffer"] = 10_000
     del values["weight_decay_mask"]
     (tmp_path / "config.json").write_text(json.dumps(values))
-    config = evaluate.config_from_json(str(tmp_path / "config.json"))
+    config = inference.config_from_json(str(tmp_path / "config.json"))
     assert "shuffle_buffer" not in config.data and config.weight_decay_mask == "kernels"

@@ -11,7 +11,7 @@ import io
 import numpy as np
 import torch
 
-from skipnet_jax import convert, evaluate, export, predict
+from skipnet_jax import convert, export, inference, predict
 from skipnet_jax.data import pipeline
 from skipnet_jax.default_config import get_default_config
 from skipnet_jax.models import create_model
@@ -48,7 +48,7 @@ def test_skipnet_m_tflite_and_onnx_match_jax(tmp_path):
     config = get_default_config()
     config.model, config.dataset, config.image_size = "skipnet_m", "imagenet2012", 224
     config.data.preprocessing = "inception"
-    loaded = evaluate.LoadedModel(
+    loaded = inference.LoadedModel(
         model=create_model("skipnet_m", num_classes=1000), variables=variables, config=config, num_classes=1000,
         kind="converted", source="torch reference", step=None, use_ema=False,
     )  # fmt: skip

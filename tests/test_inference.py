@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from conftest import REPO_ROOT, tiny_digits_config
 
-from skipnet_jax import convert, evaluate, export, plots, predict, train
+from skipnet_jax import convert, evaluate, export, inference, plots, predict, train
 from skipnet_jax.config_validation import ConfigError
 from skipnet_jax.data import pipeline, preprocess
 
@@ -78,7 +78,7 @@ def run(digits_data_dir, tmp_path_factory):
     shutil.copytree(trained, workdir, dirs_exist_ok=True)
     with open(os.path.join(workdir, "results.json")) as f:
         results = json.load(f)
-    config = evaluate.config_from_json(os.path.join(workdir, "config.json"))
+    config = inference.config_from_json(os.path.join(workdir, "config.json"))
     config.data_dir = digits_data_dir  # this worker's copy of the data
     return workdir, config, results
 
@@ -86,7 +86,7 @@ def run(digits_data_dir, tmp_path_factory):
 @pytest.fixture(scope="module")
 def loaded(run):
     workdir, _, _ = run
-    return evaluate.load_model(workdir)
+    return inference.load_model(workdir)
 
 
 @pytest.fixture(scope="module")
@@ -169,7 +169,7 @@ def test_evaluate_converted_dir_equals_workdir(run, loaded, tmp_path):
     )
     # The run's dataset and eval preprocessing (32 px, not the default 224) travel with the
     # weights; only the machine-local data_dir is given.
-    own = evaluate.load_config(converted)
+    own = inference.load_config(converted)
     assert (own.dataset, own.image_size) == ("digits", 32)
     own.data_dir = config.data_dir
     out = evaluate.evaluate_workdir(converted, own)

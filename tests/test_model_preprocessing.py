@@ -21,7 +21,7 @@ import pytest
 from conftest import REPO_ROOT
 from test_imagenet_pipeline import _encode, _image
 
-from skipnet_jax import convert, evaluate, export, predict
+from skipnet_jax import convert, export, inference, predict
 from skipnet_jax.config_validation import ConfigError
 from skipnet_jax.data import pipeline
 from skipnet_jax.default_config import get_default_config
@@ -70,10 +70,10 @@ def _data_config(dataset, image_size, data_dir=None):
 
 
 def _load(directory, **changes):
-    """`evaluate.load_model` of `directory` with its own config (as the CLIs load it), `changes` applied."""
-    config = evaluate.load_config(directory)
+    """`inference.load_model` of `directory` with its own config (as the CLIs load it), `changes` applied."""
+    config = inference.load_config(directory)
     config.update(changes)
-    return evaluate.load_model(directory, config)
+    return inference.load_model(directory, config)
 
 
 @pytest.fixture(scope="module")
@@ -153,7 +153,7 @@ def test_convert_records_the_eval_preprocessing(imagenet_dir):
         "mean": list(pipeline.IMAGENET_MEAN),
         "std": list(pipeline.IMAGENET_STD),
     }
-    config = evaluate.load_config(imagenet_dir)
+    config = inference.load_config(imagenet_dir)
     assert (config.model, config.num_classes, config.dataset, config.image_size) == (
         "skipnet_m",
         1000,
@@ -165,7 +165,7 @@ def test_convert_records_the_eval_preprocessing(imagenet_dir):
 
 def test_predict_converted_imagenet_weights_needs_no_flag(imagenet_dir, imagenet_weights, photos, tmp_path):
     images = _imagenet_eval_pipeline(photos)
-    direct = evaluate.LoadedModel(
+    direct = inference.LoadedModel(
         model=create_model("skipnet_m", num_classes=1000), variables=imagenet_weights, config=get_default_config(),
         num_classes=1000, kind="converted", source="memory", step=None, use_ema=False,
     )  # fmt: skip
@@ -201,7 +201,7 @@ def test_directory_without_the_record(imagenet_dir, photos, tmp_path):
     assert result.stdout == ""
 
     from_old = predict.predict(_load(str(old), dataset="imagenet2012", data_dir=str(tmp_path)), photos)
-    from_new = predict.predict(evaluate.load_model(imagenet_dir), photos)
+    from_new = predict.predict(inference.load_model(imagenet_dir), photos)
     assert [p["top"] for p in from_old] == [p["top"] for p in from_new]
 
 
@@ -228,7 +228,7 @@ def test_bad_record_is_one_error(imagenet_dir, tmp_path, change, key):
     meta["preprocessing"].update(change)
     (bad / convert.META_FILE).write_text(json.dumps(meta))
     with pytest.raises(ConfigError, match=re.escape(key)) as info:
-        evaluate.load_config(str(bad))
+        inference.load_config(str(bad))
     assert convert.META_FILE in str(info.value) and "\n" not in str(info.value)
 
 

@@ -58,7 +58,7 @@ init = functools.partial(
 state = jax.jit(init, out_shardings=replicated)()
 options = train.StepOptions.from_config(config)
 step = jax.jit(
-    functools.partial(train.train_step, model=model, tx=tx, learning_rate_fn=lr_fn, options=options),
+    functools.partial(train.train_step, seed=config.seed, model=model, tx=tx, learning_rate_fn=lr_fn, options=options),
     in_shardings=(replicated, data_sharding), out_shardings=(replicated, replicated), donate_argnums=0,
 )
 evaluate = jax.jit(functools.partial(train.eval_step, model=model, use_ema=True))

@@ -136,6 +136,7 @@ def _one_step(config, seed=0):
         tx=tx,
         learning_rate_fn=optax.constant_schedule(0.0),
         options=train.StepOptions.from_config(config),
+        seed=config.seed,
     )
     return model, state, batch, jax.jit(step)
 
@@ -237,7 +238,9 @@ def step_setup():
     )
     options = train.StepOptions.from_config(config)
     step = jax.jit(
-        lambda s, b: train.train_step(s, b, model=model, tx=tx, learning_rate_fn=_STEP_SETUP_LR, options=options)
+        lambda s, b: train.train_step(
+            s, b, config.seed, model=model, tx=tx, learning_rate_fn=_STEP_SETUP_LR, options=options
+        )
     )
     rng = np.random.default_rng(0)
     batch = {
