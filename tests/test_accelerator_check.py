@@ -16,7 +16,9 @@ import numpy as np
 import pytest
 from conftest import REPO_ROOT
 
-from skipnet_jax import accelerator_check as ac
+from skipnet_jax.tools.check_environment import peak_tflops
+from skipnet_jax.tools.check_tests import TINY_TESTS, parse_pytest_summary
+from skipnet_jax.tools.digits_input import DigitsInput
 
 
 def _run(*args, timeout=1800):  # a hang guard: compile-bound, 2-10 min on a loaded 2-core machine
@@ -39,7 +41,7 @@ def test_tiny_run_reports_every_part(tmp_path):
 
     tests = report["tests"]
     assert tests["ok"] and tests["passed"] > 0 and tests["failed"] == tests["errors"] == 0
-    assert tests["selection"] == list(ac.TINY_TESTS) and tests["matmul_precision"] == "highest"
+    assert tests["selection"] == list(TINY_TESTS) and tests["matmul_precision"] == "highest"
 
     digits = report["digits"]
     assert digits["ok"] and digits["model"] == "skipnet_xs" and digits["dtype"] == "bfloat16"
@@ -113,7 +115,7 @@ def test_numpy_digits_input_is_the_tf_pipeline(digits_data_dir):
 
     config = get_default_config()
     config.dataset, config.data_dir, config.image_size, config.eval_batch_size = "digits", digits_data_dir, 32, 128
-    data = ac.DigitsInput(image_size=32, batch_size=64, eval_batch_size=128, seed=0)
+    data = DigitsInput(image_size=32, batch_size=64, eval_batch_size=128, seed=0)
 
     def real_rows(batches):
         images, labels = [], []
@@ -152,23 +154,23 @@ def test_numpy_digits_input_is_the_tf_pipeline(digits_data_dir):
 
 
 def test_train_stream_visits_each_example_once_per_epoch():
-    data = ac.DigitsInput(image_size=32, batch_size=64, eval_batch_size=128, seed=3)
+    data = DigitsInput(image_size=32, batch_size=64, eval_batch_size=128, seed=3)
     n = data.num_train
     steps = math.ceil(2 * n / 64)
     positions = np.arange(steps * 64)
     indices = np.concatenate([data._indices(positions[i * 64 : (i + 1) * 64]) for i in range(steps)])
     assert sorted(indices[:n]) == list(range(n)) and sorted(indices[n : 2 * n]) == list(range(n))
     assert not np.array_equal(indices[:n], indices[n : 2 * n])  # a new permutation every epoch
-    again = ac.DigitsInput(image_size=32, batch_size=64, eval_batch_size=128, seed=3)
+    again = DigitsInput(image_size=32, batch_size=64, eval_batch_size=128, seed=3)
     np.testing.assert_array_equal(again.train_batch(5)["image"], data.train_batch(5)["image"])  # a function of the step
 
 
 def test_peak_table_and_flops():
-    assert ac.peak_tflops("NVIDIA H200", None)[0] == 989.0
-    assert ac.peak_tflops("NVIDIA H100 PCIe", None)[0] == 756.0
-    assert ac.peak_tflops("NVIDIA A100-SXM4-80GB", None)[0] == 312.0
-    assert ac.peak_tflops("NVIDIA L4", None)[0] == 121.0 and ac.peak_tflops("NVIDIA L40S", None)[0] == 362.0
-    assert ac.peak_tflops("cpu", None)[0] is None and ac.peak_tflops("cpu", 2.0) == (2.0, "--peak_tflops")
-    assert ac.parse_pytest_summary("x\n= 3 failed, 180 passed, 2 skipped, 1 error in 95.20s (0:01:35) =\n") == {
+    assert peak_tflops("NVIDIA H200", None)[0] == 989.0
+    assert peak_tflops("NVIDIA H100 PCIe", None)[0] == 756.0
+    assert peak_tflops("NVIDIA A100-SXM4-80GB", None)[0] == 312.0
+    assert peak_tflops("NVIDIA L4", None)[0] == 121.0 and peak_tflops("NVIDIA L40S", None)[0] == 362.0
+    assert peak_tflops("cpu", None)[0] is None and peak_tflops("cpu", 2.0) == (2.0, "--peak_tflops")
+    assert parse_pytest_summary("x\n= 3 failed, 180 passed, 2 skipped, 1 error in 95.20s (0:01:35) =\n") == {
         "passed": 180, "failed": 3, "skipped": 2, "errors": 1, "xfailed": 0, "xpassed": 0,
     }  # fmt: skip
