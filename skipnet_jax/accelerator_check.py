@@ -14,34 +14,36 @@ Three parts, in this order; a part that breaks is reported and the next one stil
 
 ``tests``
     pytest, in a subprocess, on the tests of the models, the bias loss, the fast kernels,
-    the optimiser and the jitted train step that need no TensorFlow (:data:`skipnet_jax.tools.check_tests.GPU_TESTS`;
-    ``tests/test_train.py``'s other tests train through tf.data and are not selected).
-    Float32 matmuls run at ``--test_precision highest`` by default: the tests' tolerances
-    are float32 ones, and an Ampere-or-later GPU would otherwise run float32 convolutions
-    and matmuls in TF32.
+    the optimiser and the jitted train step that need no TensorFlow
+    (:data:`skipnet_jax.tools.check_tests.GPU_TESTS`; ``tests/test_train.py``'s other
+    tests train through tf.data and are not selected).  Float32 matmuls run at
+    ``--test_precision highest`` by default: the tests' tolerances are float32 ones, and
+    an Ampere-or-later GPU would otherwise run float32 convolutions and matmuls in TF32.
 ``digits``
     ``configs/digits.py`` (SkipNet-S, 32 px, batch 64, AdamW 3e-3, 30 epochs) in
     ``--digits_dtype`` (bfloat16) through the real ``steps.create_train_state`` /
     ``train_step`` / ``eval_step``, jitted by training's ``engine.Engine`` over the
-    ``sharding`` mesh, fed by a NumPy copy of the
-    tf.data "simple" preprocessing (:class:`skipnet_jax.tools.digits_input.DigitsInput`), then evaluated on all 360 test
+    ``sharding`` mesh, fed by a NumPy copy of the tf.data "simple" preprocessing
+    (:class:`skipnet_jax.tools.digits_input.DigitsInput`), then evaluated on all 360 test
     images.  Fails below ``--digits_threshold`` eval top-1 (0.97) or on a non-finite step.
 ``bench``
     SkipNet-M (batch 256, 224 px, bfloat16; the default training config with bias loss)
-    train and eval steps: JAX (:func:`skipnet_jax.tools.step_timing.jax_side`) against the in-tree
-    PyTorch SkipNet under ``torch.autocast`` bf16 with ``channels_last``, eager and
-    ``torch.compile``'d (:func:`skipnet_jax.tools.torch_timing.torch_side`), timed in alternating
-    rounds (:func:`skipnet_jax.tools.step_timing.time_alternating`).  Reports img/s, JAX/PyTorch
-    ratios, compile times and the fraction of the chip's dense bf16 peak that the model's
-    FLOPs use (FLOPs per step from XLA's ``cost_analysis()`` of the compiled JAX step where
-    the backend gives one, else ``2 * MACs * batch`` forward and three times that for a
+    train and eval steps: JAX (:func:`skipnet_jax.tools.step_timing.jax_side`) against
+    the in-tree PyTorch SkipNet under ``torch.autocast`` bf16 with ``channels_last``,
+    eager and ``torch.compile``'d (:func:`skipnet_jax.tools.torch_timing.torch_side`),
+    timed in alternating rounds (:func:`skipnet_jax.tools.step_timing.time_alternating`).
+    Reports throughput (``examples_per_sec``, printed as img/s), JAX/PyTorch ratios,
+    compile times and the fraction of the chip's dense bf16 peak that the model's FLOPs
+    use (FLOPs per step from XLA's ``cost_analysis()`` of the compiled JAX step where the
+    backend gives one, else ``2 * MACs * batch`` forward and three times that for a
     training step, MACs from :mod:`skipnet_jax.summary`; peak from
-    :data:`skipnet_jax.tools.check_environment.PEAK_BF16_TFLOPS` by ``jax.devices()[0].device_kind`` or ``--peak_tflops``).
-    The same FLOPs count is used for every side (they do the same work); the fraction by
-    the ``2 * MACs`` count is reported beside it, since XLA also counts the elementwise
-    work (BatchNorm, activations, optimiser) that tensor cores do not do.  Compile times:
-    JAX = the XLA compile of the step (``lower().compile()``, persistent cache off);
-    torch.compile = its first call, compilation plus one step.
+    :data:`skipnet_jax.tools.check_environment.PEAK_BF16_TFLOPS` by
+    ``jax.devices()[0].device_kind`` or ``--peak_tflops``).  The same FLOPs count is used
+    for every side (they do the same work); the fraction by the ``2 * MACs`` count is
+    reported beside it, since XLA also counts the elementwise work (BatchNorm,
+    activations, optimiser) that tensor cores do not do.  Compile times: JAX = the XLA
+    compile of the step (``lower().compile()``, persistent cache off); torch.compile =
+    its first call, compilation plus one step.
 
 ``--tiny`` shrinks every default (one small test file, SkipNet-XS digits for 8 steps with
 no accuracy threshold, SkipNet-XS at 32 px batch 4 for the benchmark, ``torch.compile`` off

@@ -26,7 +26,8 @@ Measurement:
   ``--warmup`` untimed steps; then ``--rounds`` rounds of ``--steps`` steps are timed,
   the sides *alternating* round by round (A B A B ...), each round ending with
   ``block_until_ready`` (JAX) so the clock covers finished work.  The reported step time
-  of a side is the median over its rounds; img/s = batch / step time.  Alternating
+  of a side is the median over its rounds; its throughput ``examples_per_sec`` (the
+  name training's results use; printed as img/s) = batch / step time.  Alternating
   rounds spread slow phases of a shared machine over both sides.
 * ``peak_rss_mb``: the process's peak resident memory (``getrusage`` ``ru_maxrss``)
   after the JAX side was compiled and warmed up (``peak_rss_jax_mb``) and at the end
@@ -38,13 +39,15 @@ Measurement:
 :mod:`skipnet_jax.reference.torch_bias_loss` with ``--loss bias``, same alpha/beta/mode),
 backward and an SGD step (momentum 0.9, weight decay 4e-5 on conv/linear weights only,
 like the JAX optimiser); eval = ``model.eval()`` forward under ``torch.no_grad()``.
-``ratio`` = JAX img/s / PyTorch img/s.  Only ``skipnet_*`` models have a PyTorch
-counterpart.  By default the PyTorch side runs on the CPU in float32; ``--dtype bfloat16``
-runs it under ``torch.autocast`` bf16 (float32 parameters, as the JAX side keeps them),
-``--torch_device cuda|auto`` on the GPU, ``--torch_channels_last`` in NHWC memory format,
-and ``--torch_compile`` through ``torch.compile`` (its compilation runs, and is reported as
-``torch_compile_s``, before the warm-up).  :mod:`skipnet_jax.accelerator_check` uses these
-sides for its GPU comparison.
+``ratio`` = ``examples_per_sec`` / ``torch_examples_per_sec`` (JAX over PyTorch).  Only
+``skipnet_*`` models have a PyTorch counterpart.  By default the PyTorch side runs on the
+CPU in float32; ``--dtype bfloat16`` runs it under ``torch.autocast`` bf16 (float32
+parameters, as the JAX side keeps them), ``--torch_device cuda|auto`` on the GPU,
+``--torch_channels_last`` in NHWC memory format, and ``--torch_compile`` through
+``torch.compile`` (its compilation runs, and is reported as ``torch_compile_s``, before
+the warm-up).  :mod:`skipnet_jax.accelerator_check` uses the same sides
+(:mod:`skipnet_jax.tools.step_timing`, :mod:`skipnet_jax.tools.torch_timing`) for its GPU
+comparison.
 
 ``--compare_loss`` (train only) times the JAX train step with bias loss and with plain
 cross-entropy, alternating, and reports ``bias_overhead_pct`` = 100 * (t_bias / t_ce - 1).
@@ -191,7 +194,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         "steps": args.steps,
         "warmup": args.warmup,
         "rounds": args.rounds,
-        "img_per_s": main.img_per_s(),
+        "examples_per_sec": main.examples_per_sec(),
         "step_ms": 1000.0 * main.step_seconds(),
         "round_step_ms": [1000.0 * t for t in main.round_seconds],
         "cpu_ms_per_step": 1000.0 * statistics.median(main.round_cpu_seconds),
@@ -216,7 +219,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         pass
     if torch is not None:
         result |= {
-            "torch_img_per_s": torch.img_per_s(),
+            "torch_examples_per_sec": torch.examples_per_sec(),
             "torch_step_ms": 1000.0 * torch.step_seconds(),
             "torch_round_step_ms": [1000.0 * t for t in torch.round_seconds],
             "torch_cpu_ms_per_step": 1000.0 * statistics.median(torch.round_cpu_seconds),
@@ -227,7 +230,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
             "torch_autocast": torch.info["autocast"],
             "torch_channels_last": torch.info["channels_last"],
             "torch_compiled": torch.info["compiled"],
-            "ratio": main.img_per_s() / torch.img_per_s(),
+            "ratio": main.examples_per_sec() / torch.examples_per_sec(),
         }
         if "compile_s" in torch.info:
             result["torch_compile_s"] = torch.info["compile_s"]
@@ -262,14 +265,14 @@ def format_result(r: dict[str, Any]) -> str:
     lines = [
         f"{r['model']} {r['mode']}, batch {r['batch_size']}, {r['image_size']} px, {r['dtype']}{loss} "
         f"({r['backend']} x{r['devices']}, {r['cpu_count']} cpus)",
-        f"  jax:   {r['img_per_s']:8.1f} img/s  ({r['step_ms']:.1f} ms/step, median of {r['rounds']} x {r['steps']})",
+        f"  jax:   {r['examples_per_sec']:8.1f} img/s  ({r['step_ms']:.1f} ms/step, median of {r['rounds']} x {r['steps']})",
         f"  step compile {r['compile_s']:.1f} s (trace+lower {r['lower_s']:.1f} s), init {r['init_s']:.1f} s",
         f"  peak RSS {r['peak_rss_jax_mb']:.0f} MiB after JAX, {r['peak_rss_mb']:.0f} MiB at the end",
     ]
-    if "torch_img_per_s" in r:
+    if "torch_examples_per_sec" in r:
         lines.insert(
             2,
-            f"  torch: {r['torch_img_per_s']:8.1f} img/s  ({r['torch_step_ms']:.1f} ms/step, "
+            f"  torch: {r['torch_examples_per_sec']:8.1f} img/s  ({r['torch_step_ms']:.1f} ms/step, "
             f"{_torch_flavour(r)})  ->  JAX/torch = {r['ratio']:.2f}x",
         )
     if "bias_overhead_pct" in r:

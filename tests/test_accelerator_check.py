@@ -1,9 +1,9 @@
 """The accelerator check runs end to end on a CPU (--tiny) and reports what a GPU run would.
 
 What is checked is that every part runs and reports real, consistent figures (pytest's
-counts, the digits accuracy over the 360 test images, img/s, ratios, FLOPs, the fraction
-of peak), that a missed accuracy threshold fails the run, and that the NumPy digits input
-is the tf.data pipeline's.  The speed itself is measured on a GPU machine (README).
+counts, the digits accuracy over the 360 test images, examples_per_sec, ratios, FLOPs,
+the fraction of peak), that a missed accuracy threshold fails the run, and that the NumPy
+digits input is the tf.data pipeline's.  The speed itself is measured on a GPU machine (README).
 """
 
 import json
@@ -48,7 +48,7 @@ def test_tiny_run_reports_every_part(tmp_path):
     assert digits["eval_examples"] == 360 and digits["train_examples"] == 1437  # the real split, nothing dropped
     assert 0 <= digits["eval_correct"] <= 360 and digits["eval_top1"] == digits["eval_correct"] / 360
     assert digits["eval_top1"] <= digits["eval_top5"] <= 1 and digits["steps"] == 8 and not digits["nonfinite_steps"]
-    assert all(_positive(digits[k]) for k in ("eval_loss", "first_loss", "compile_s", "train_img_per_s"))
+    assert all(_positive(digits[k]) for k in ("eval_loss", "first_loss", "compile_s", "train_examples_per_sec"))
 
     bench = report["bench"]
     assert bench["ok"] and bench["model"] == "skipnet_xs" and bench["dtype"] == "bfloat16"
@@ -60,12 +60,14 @@ def test_tiny_run_reports_every_part(tmp_path):
         assert _positive(mode["flops_per_step"]) and _positive(mode["flops_per_step_2macs"])
         jax_side, torch_side = mode["sides"]["jax"], mode["sides"]["torch_eager"]
         for side in (jax_side, torch_side):
-            for key in ("img_per_s", "step_ms", "tflops_per_s", "peak_fraction", "jax_over_this"):
+            for key in ("examples_per_sec", "step_ms", "tflops_per_s", "peak_fraction", "jax_over_this"):
                 assert _positive(side[key]), key
             assert side["peak_fraction"] == pytest.approx(side["tflops_per_s"] / 0.5)
         assert _positive(jax_side["compile_s"]) and torch_side["compile_s"] is None
         assert torch_side["autocast"] == "bfloat16" and torch_side["channels_last"] and torch_side["device"] == "cpu"
-        assert mode["ratio_jax_torch_eager"] == pytest.approx(jax_side["img_per_s"] / torch_side["img_per_s"])
+        assert mode["ratio_jax_torch_eager"] == pytest.approx(
+            jax_side["examples_per_sec"] / torch_side["examples_per_sec"]
+        )
     train = bench["modes"]["train"]
     assert train["flops_per_step_2macs"] == pytest.approx(3 * bench["modes"]["eval"]["flops_per_step_2macs"])
 

@@ -68,16 +68,16 @@ def bench_mode(args: argparse.Namespace, mode: str, devices: int, peak: float | 
         "flops_per_step_2macs": analytic,
         "sides": {},
     }
-    jax_img_per_s = sides[0].img_per_s()
+    jax_examples_per_sec = sides[0].examples_per_sec()
     for side in sides:
         step_s = side.step_seconds()
         chips = devices if side.name == "jax" else 1  # the PyTorch side runs on one device
         entry = {
-            "img_per_s": side.img_per_s(),
+            "examples_per_sec": side.examples_per_sec(),
             "step_ms": 1000.0 * step_s,
             "round_step_ms": [1000.0 * t for t in side.round_seconds],
             "compile_s": side.info.get("compile_s"),
-            "jax_over_this": jax_img_per_s / side.img_per_s(),
+            "jax_over_this": jax_examples_per_sec / side.examples_per_sec(),
             "tflops_per_s": flops / step_s / 1e12,
             "peak_fraction": flops / step_s / (peak * 1e12 * chips) if peak else None,
             "peak_fraction_2macs": analytic / step_s / (peak * 1e12 * chips) if peak else None,
@@ -147,7 +147,7 @@ def run_bench(args: argparse.Namespace, env: dict[str, Any]) -> dict[str, Any]:
     for mode in args.bench_modes:
         result["modes"][mode] = bench_mode(args, mode, env["devices"], peak)
     result["ok"] = all(
-        math.isfinite(s["img_per_s"]) and s["img_per_s"] > 0
+        math.isfinite(s["examples_per_sec"]) and s["examples_per_sec"] > 0
         for m in result["modes"].values()
         for s in m["sides"].values()
     )

@@ -96,7 +96,7 @@ def train_digits(config, threshold: float, seed: int) -> dict[str, Any]:
         "nonfinite_steps": nonfinite,
         "compile_s": compile_s,
         "train_s": train_s,
-        "train_img_per_s": num_steps * config.batch_size / train_s,
+        "train_examples_per_sec": num_steps * config.batch_size / train_s,
         "eval_s": eval_s,
         "input": "NumPy copy of the tf.data 'simple' digits preprocessing; NumPy random draws (see DigitsInput)",
     }

@@ -44,7 +44,7 @@ def _format_part(name: str, part: dict[str, Any]) -> list[str]:
             f"[digits] {_verdict(part)} eval top-1 {part['eval_top1']:.4f} ({part['eval_correct']}/"
             f"{part['eval_examples']}) vs threshold {part['threshold']:.2f} | {part['model']} {part['dtype']}, "
             f"{part['steps']} steps ({part['epochs']:.1f} epochs, batch {part['batch_size']}) | compile "
-            f"{part['compile_s']:.1f} s, train {part['train_s']:.1f} s ({part['train_img_per_s']:.0f} img/s), "
+            f"{part['compile_s']:.1f} s, train {part['train_s']:.1f} s ({part['train_examples_per_sec']:.0f} img/s), "
             f"loss {part['first_loss']:.3f} -> {part['last_loss']:.3f}"
             + (f" | {len(part['nonfinite_steps'])} non-finite steps" if part["nonfinite_steps"] else "")
         ]
@@ -65,7 +65,7 @@ def _format_part(name: str, part: dict[str, Any]) -> list[str]:
             frac = f"{100 * s['peak_fraction']:.1f}" if s["peak_fraction"] is not None else "-"
             frac_macs = f"{100 * s['peak_fraction_2macs']:.1f}" if s["peak_fraction_2macs"] is not None else "-"
             lines.append(
-                f"  {mode:<6} {side.replace('_', '-'):<14} {s['img_per_s']:>10.1f} {s['step_ms']:>9.2f} "
+                f"  {mode:<6} {side.replace('_', '-'):<14} {s['examples_per_sec']:>10.1f} {s['step_ms']:>9.2f} "
                 f"{compile_s:>10} {s['jax_over_this']:>8.2f}x {s['tflops_per_s']:>9.3f} {frac:>7} {frac_macs:>8}"
             )
     for mode, m in part["modes"].items():

@@ -95,7 +95,7 @@ class Side:
     def step_seconds(self) -> float:
         return statistics.median(self.round_seconds)
 
-    def img_per_s(self) -> float:
+    def examples_per_sec(self) -> float:
         return self.batch_size / self.step_seconds()
 
 
