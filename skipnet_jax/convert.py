@@ -57,7 +57,7 @@ from typing import Any
 
 import numpy as np
 
-from skipnet_jax import cli
+from skipnet_jax import cli, reporting
 
 __all__ = [
     "TORCH_INSTALL_HINT",
@@ -562,11 +562,9 @@ def save_variables(
             "num_batch_stats": _count(tree["batch_stats"]),
             "format": FORMAT,
         }
-        tmp = meta_path + ".tmp"
-        with open(tmp, "w") as f:
+        with reporting.atomic_write(meta_path) as f:  # written last: its presence marks a complete checkpoint
             json.dump(meta, f, indent=2)
             f.write("\n")
-        os.replace(tmp, meta_path)  # written last: its presence marks a complete checkpoint
     except OSError as e:
         raise ConversionError(f"cannot write {out}: {e.strerror or e}") from None
     return out

@@ -56,7 +56,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from skipnet_jax import cli, predict
+from skipnet_jax import cli, predict, reporting
 from skipnet_jax.config_validation import ConfigError
 from skipnet_jax.models.layers import ConvBN
 
@@ -267,10 +267,8 @@ def export(loaded, fmt: str, output: str, *, batch_size: int = 1, fold: bool = T
         data = to_onnx(data)
     output = os.path.abspath(output)
     os.makedirs(os.path.dirname(output), exist_ok=True)
-    tmp = output + ".tmp"
-    with open(tmp, "wb") as f:
+    with reporting.atomic_write(output, "wb") as f:
         f.write(data)
-    os.replace(tmp, output)
     return {
         "format": fmt,
         "output": output,

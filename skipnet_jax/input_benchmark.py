@@ -24,8 +24,8 @@ area, aspect 3/4-4/3) resized to ``S x S`` (bilinear), randomly flipped.
 
 Timing alternates rounds (A B A B ...); each round starts its side afresh (the other
 side is torn down: no background prefetching competes), draws one untimed batch, then
-times ``--batches`` batches; img/s of a side is the median over its rounds, ``ratio`` =
-tf.data img/s / PIL img/s.
+times ``--batches`` batches; a side's throughput (``examples_per_sec``, printed as img/s)
+is the median over its rounds, ``ratio`` = tf.data's / PIL's.
 """
 
 from __future__ import annotations
@@ -153,7 +153,7 @@ def tf_batches(root: str, *, batch_size: int, size: int, workers: int):
 
 
 def _rate(make_iterator, *, batches: int, batch_size: int) -> float:
-    """img/s of a freshly started side, after its first batch (start-up is not timed)."""
+    """Images per second of a freshly started side, after its first batch (start-up is not timed)."""
     iterator = make_iterator()
     next(iterator)
     start = time.perf_counter()
@@ -198,8 +198,8 @@ def run(args: argparse.Namespace) -> dict:
         "batch_size": args.batch_size,
         "image_size": args.image_size,
         "cpu_count": os.cpu_count(),
-        "img_per_sec": medians,
-        "rounds_img_per_sec": rates,
+        "examples_per_sec": medians,
+        "rounds_examples_per_sec": rates,
         "ratio": medians["tf.data"] / medians["PIL"],
     }
 
@@ -230,7 +230,7 @@ def main(argv: list[str] | None = None) -> None:
         f"{result['images']} JPEGs, batch {args.batch_size}, {args.image_size} px, {args.workers} workers, "
         f"{result['cpu_count']} CPUs"
     )
-    for name, rate in result["img_per_sec"].items():
+    for name, rate in result["examples_per_sec"].items():
         print(f"  {name:8s} {rate:8.1f} img/s")
     print(f"  ratio tf.data / PIL: {result['ratio']:.2f}x")
 

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import time
+from collections.abc import Iterator
+from typing import IO
 
 from absl import logging
 
@@ -130,15 +133,30 @@ def finite_or_none(data):
     return data
 
 
-def write_json(path: str, data: dict) -> None:
-    """Writes `data` to `path` as strict JSON (non-finite floats become null), atomically
-    (a temporary file, then a rename): a crash never leaves a truncated file in place of
-    the previous one."""
+@contextlib.contextmanager
+def atomic_write(path: str, mode: str = "w") -> Iterator[IO]:
+    """Opens ``PATH.tmp`` for writing and renames it onto `path` when the block ends.
+
+    The rename replaces the file in one step, so a crash (or a reader) never sees a
+    truncated file in place of the previous one.  When the block raises, the temporary
+    file is removed and `path` is left as it was.
+    """
     tmp = path + ".tmp"
-    with open(tmp, "w") as f:
+    try:
+        with open(tmp, mode) as f:
+            yield f
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
+    os.replace(tmp, path)
+
+
+def write_json(path: str, data: dict) -> None:
+    """Writes `data` to `path` as strict JSON (non-finite floats become null), atomically."""
+    with atomic_write(path) as f:
         json.dump(finite_or_none(data), f, indent=2, sort_keys=True, allow_nan=False)
         f.write("\n")
-    os.replace(tmp, path)
 
 
 def read_json(path: str) -> dict | None:

@@ -52,7 +52,7 @@ __all__ = [
     "summarize",
 ]
 
-# Paper / reference figures at 224 px and 1000 classes (PAPER_FACTS §2).
+# Paper / reference figures at 224 px and 1000 classes (the paper's SkipNet table, the authors' release).
 # SkipNet "params"/"macs": what the variant must measure (conv + linear MACs); "paper": the
 # paper's own claim.  MobileNetV3 "params" are torchvision's counts and "macs" the MobileNetV3
 # paper's MAdds, which conv + dense counting need not reproduce exactly (measured here:

@@ -1,9 +1,9 @@
 """The accelerator check runs end to end on a CPU (--tiny) and reports what a GPU run would.
 
 What is checked is that every part runs and reports real, consistent figures (pytest's
-counts, the digits accuracy over the 360 test images, img/s, ratios, FLOPs, the fraction
-of peak), that a missed accuracy threshold fails the run, and that the NumPy digits input
-is the tf.data pipeline's.  The speed itself is measured on a GPU machine (README).
+counts, the digits accuracy over the 360 test images, examples_per_sec, ratios, FLOPs,
+the fraction of peak), that a missed accuracy threshold fails the run, and that the NumPy
+digits input is the tf.data pipeline's.  The speed itself is measured on a GPU machine (README).
 """
 
 import json
@@ -16,7 +16,9 @@ import numpy as np
 import pytest
 from conftest import REPO_ROOT
 
-from skipnet_jax import accelerator_check as ac
+from skipnet_jax.tools.check_environment import peak_tflops
+from skipnet_jax.tools.check_tests import TINY_TESTS, parse_pytest_summary
+from skipnet_jax.tools.digits_input import DigitsInput
 
 
 def _run(*args, timeout=1800):  # a hang guard: compile-bound, 2-10 min on a loaded 2-core machine
@@ -39,14 +41,14 @@ def test_tiny_run_reports_every_part(tmp_path):
 
     tests = report["tests"]
     assert tests["ok"] and tests["passed"] > 0 and tests["failed"] == tests["errors"] == 0
-    assert tests["selection"] == list(ac.TINY_TESTS) and tests["matmul_precision"] == "highest"
+    assert tests["selection"] == list(TINY_TESTS) and tests["matmul_precision"] == "highest"
 
     digits = report["digits"]
     assert digits["ok"] and digits["model"] == "skipnet_xs" and digits["dtype"] == "bfloat16"
     assert digits["eval_examples"] == 360 and digits["train_examples"] == 1437  # the real split, nothing dropped
     assert 0 <= digits["eval_correct"] <= 360 and digits["eval_top1"] == digits["eval_correct"] / 360
     assert digits["eval_top1"] <= digits["eval_top5"] <= 1 and digits["steps"] == 8 and not digits["nonfinite_steps"]
-    assert all(_positive(digits[k]) for k in ("eval_loss", "first_loss", "compile_s", "train_img_per_s"))
+    assert all(_positive(digits[k]) for k in ("eval_loss", "first_loss", "compile_s", "train_examples_per_sec"))
 
     bench = report["bench"]
     assert bench["ok"] and bench["model"] == "skipnet_xs" and bench["dtype"] == "bfloat16"
@@ -58,12 +60,14 @@ def test_tiny_run_reports_every_part(tmp_path):
         assert _positive(mode["flops_per_step"]) and _positive(mode["flops_per_step_2macs"])
         jax_side, torch_side = mode["sides"]["jax"], mode["sides"]["torch_eager"]
         for side in (jax_side, torch_side):
-            for key in ("img_per_s", "step_ms", "tflops_per_s", "peak_fraction", "jax_over_this"):
+            for key in ("examples_per_sec", "step_ms", "tflops_per_s", "peak_fraction", "jax_over_this"):
                 assert _positive(side[key]), key
             assert side["peak_fraction"] == pytest.approx(side["tflops_per_s"] / 0.5)
         assert _positive(jax_side["compile_s"]) and torch_side["compile_s"] is None
         assert torch_side["autocast"] == "bfloat16" and torch_side["channels_last"] and torch_side["device"] == "cpu"
-        assert mode["ratio_jax_torch_eager"] == pytest.approx(jax_side["img_per_s"] / torch_side["img_per_s"])
+        assert mode["ratio_jax_torch_eager"] == pytest.approx(
+            jax_side["examples_per_sec"] / torch_side["examples_per_sec"]
+        )
     train = bench["modes"]["train"]
     assert train["flops_per_step_2macs"] == pytest.approx(3 * bench["modes"]["eval"]["flops_per_step_2macs"])
 
@@ -113,7 +117,7 @@ def test_numpy_digits_input_is_the_tf_pipeline(digits_data_dir):
 
     config = get_default_config()
     config.dataset, config.data_dir, config.image_size, config.eval_batch_size = "digits", digits_data_dir, 32, 128
-    data = ac.DigitsInput(image_size=32, batch_size=64, eval_batch_size=128, seed=0)
+    data = DigitsInput(image_size=32, batch_size=64, eval_batch_size=128, seed=0)
 
     def real_rows(batches):
         images, labels = [], []
@@ -152,23 +156,23 @@ def test_numpy_digits_input_is_the_tf_pipeline(digits_data_dir):
 
 
 def test_train_stream_visits_each_example_once_per_epoch():
-    data = ac.DigitsInput(image_size=32, batch_size=64, eval_batch_size=128, seed=3)
+    data = DigitsInput(image_size=32, batch_size=64, eval_batch_size=128, seed=3)
     n = data.num_train
     steps = math.ceil(2 * n / 64)
     positions = np.arange(steps * 64)
     indices = np.concatenate([data._indices(positions[i * 64 : (i + 1) * 64]) for i in range(steps)])
     assert sorted(indices[:n]) == list(range(n)) and sorted(indices[n : 2 * n]) == list(range(n))
     assert not np.array_equal(indices[:n], indices[n : 2 * n])  # a new permutation every epoch
-    again = ac.DigitsInput(image_size=32, batch_size=64, eval_batch_size=128, seed=3)
+    again = DigitsInput(image_size=32, batch_size=64, eval_batch_size=128, seed=3)
     np.testing.assert_array_equal(again.train_batch(5)["image"], data.train_batch(5)["image"])  # a function of the step
 
 
 def test_peak_table_and_flops():
-    assert ac.peak_tflops("NVIDIA H200", None)[0] == 989.0
-    assert ac.peak_tflops("NVIDIA H100 PCIe", None)[0] == 756.0
-    assert ac.peak_tflops("NVIDIA A100-SXM4-80GB", None)[0] == 312.0
-    assert ac.peak_tflops("NVIDIA L4", None)[0] == 121.0 and ac.peak_tflops("NVIDIA L40S", None)[0] == 362.0
-    assert ac.peak_tflops("cpu", None)[0] is None and ac.peak_tflops("cpu", 2.0) == (2.0, "--peak_tflops")
-    assert ac.parse_pytest_summary("x\n= 3 failed, 180 passed, 2 skipped, 1 error in 95.20s (0:01:35) =\n") == {
+    assert peak_tflops("NVIDIA H200", None)[0] == 989.0
+    assert peak_tflops("NVIDIA H100 PCIe", None)[0] == 756.0
+    assert peak_tflops("NVIDIA A100-SXM4-80GB", None)[0] == 312.0
+    assert peak_tflops("NVIDIA L4", None)[0] == 121.0 and peak_tflops("NVIDIA L40S", None)[0] == 362.0
+    assert peak_tflops("cpu", None)[0] is None and peak_tflops("cpu", 2.0) == (2.0, "--peak_tflops")
+    assert parse_pytest_summary("x\n= 3 failed, 180 passed, 2 skipped, 1 error in 95.20s (0:01:35) =\n") == {
         "passed": 180, "failed": 3, "skipped": 2, "errors": 1, "xfailed": 0, "xpassed": 0,
     }  # fmt: skip

@@ -19,7 +19,7 @@ from skipnet_jax.models import create_model, list_models, register_model
 from skipnet_jax.models import layers as L
 from skipnet_jax.models import skipnet as S
 
-# Reference list of the released SkipNet-M state_dict keys and shapes (PAPER_FACTS §3).
+# Reference list of the SkipNet-M state_dict keys and shapes of the authors' released checkpoint.
 _JSON_NAME = "skipnet_m_torch_state_dict.json"
 _JSON_CANDIDATES = [
     *([Path(os.environ["SKIPNET_REFERENCE_DIR"]) / _JSON_NAME] if os.environ.get("SKIPNET_REFERENCE_DIR") else []),

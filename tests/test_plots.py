@@ -9,7 +9,7 @@ import os
 import numpy as np
 import pytest
 
-from skipnet_jax import plots
+from skipnet_jax import plots, reporting
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -150,7 +150,7 @@ def test_save_all_and_cli(tmp_path):
     )
     assert sorted(plots.load_snapshots(os.path.join(workdir, plots.SNAPSHOTS_FILE))) == [0, 50]
     matrix = np.diag([5] * 10) + np.eye(10, k=1, dtype=int)
-    with open(os.path.join(workdir, plots.EVAL_RESULTS_FILE), "w") as f:
+    with open(os.path.join(workdir, reporting.EVAL_RESULTS_FILE), "w") as f:
         json.dump({"confusion_matrix": matrix.tolist(), "class_names": [f"digit {i}" for i in range(10)]}, f)
 
     assert plots.main(["--workdir", workdir]) == 0

@@ -1,4 +1,4 @@
-"""Tests of skipnet_jax.summary: parameter and MAC counts vs PAPER_FACTS §2, and the CLI."""
+"""Tests of skipnet_jax.summary: parameter and MAC counts vs the paper's figures, and the CLI."""
 
 from __future__ import annotations
 

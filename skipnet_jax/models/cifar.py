@@ -1,6 +1,6 @@
 """CIFAR baselines of the bias-loss release: ResNet-18, ShuffleNetV2 0.5x, DenseNet-121.
 
-The release trains these three on CIFAR-100 (PAPER_FACTS §1) and computes bias loss
+The release trains these three on CIFAR-100 and computes bias loss
 on each model's last convolutional output before global pooling; here that tensor is
 ``aux["features"]``.  All three take NHWC images of any size >= 32 px (they are built
 for 32 px: no stride in the stem, no max-pool), return float32 logits and run in any

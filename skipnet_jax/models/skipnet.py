@@ -1,6 +1,7 @@
 """SkipNet (a.k.a. SkipblockNet) from "Bias Loss for Mobile Neural Networks" (ICCV 2021).
 
-Architecture (PAPER_FACTS §2), widths for multiplier ``w`` (``md`` = ``make_divisible(., 8)``):
+Architecture (the paper's, as the authors' release builds it), widths for multiplier ``w``
+(``md`` = ``make_divisible(., 8)``):
 
 1. ``stem``: conv 3x3 s2, 3 -> md(16w), BN, h_swish.
 2. ``base_block``: inverted residual in = hidden = out = md(16w), k3 s1, h_swish, no SE,
@@ -186,7 +187,7 @@ def skipnet_widths(mode: str, width_multiplier: float) -> dict[str, Any]:
 
 
 class SkipNet(nn.Module):
-    """SkipNet classifier (PAPER_FACTS §2) for NHWC images of any size >= 32 px.
+    """SkipNet classifier (the architecture above) for NHWC images of any size >= 32 px.
 
     ``__call__(images, train=False) -> (logits, aux)``.  ``logits`` is float32
     ``(N, num_classes)`` whatever ``dtype`` is.  ``aux`` holds (in ``dtype``):

@@ -1,6 +1,8 @@
 """Independent PyTorch reference of the bias loss, written as the authors' release behaves.
 
-Written from ``/work/shared/reference/PAPER_FACTS.md`` section 1; no code was copied.
+Written from the paper's definition (Abrahamyan et al., ICCV 2021, arXiv 2107.11170) and
+the behaviour of the authors' release (github.com/lusinlu/bias-loss-skipblocknet); no code
+was copied.
 
     L = (1/N) * sum_i z(s_i) * CE(logits_i, y_i),      z(s) = exp(alpha * s) - beta
 
@@ -18,9 +20,10 @@ Written from ``/work/shared/reference/PAPER_FACTS.md`` section 1; no code was co
 
 Running minimum (global mode), initialisation and update order
 -------------------------------------------------------------
-PAPER_FACTS only says "a running minimum over every batch seen so far"; it does not spell out
-whether the current batch is folded in before or after it is used.  This is ambiguous.  The
-reference implements the reading "the running minimum includes the current batch":
+The release's global mode is described as "a running minimum over every batch seen so far",
+which does not spell out whether the current batch is folded in before or after it is used.
+This is ambiguous.  The reference implements the reading "the running minimum includes the
+current batch":
 
     running_min  <- +inf                                   (at construction / ``reset()``)
     per call:     running_min <- min(running_min, min_i v_i)   (update FIRST)

@@ -1,7 +1,9 @@
 """Independent PyTorch reference of SkipNet (a.k.a. SkipblockNet).
 
-Written from ``/work/shared/reference/PAPER_FACTS.md`` section 2 (architecture) and section 3
-(checkpoint layout); no code was taken from the authors' release or any other project.
+Written from the architecture the paper describes (Abrahamyan et al., ICCV 2021, arXiv
+2107.11170) and the layout of the authors' released checkpoint
+(github.com/lusinlu/bias-loss-skipblocknet); no code was taken from the authors' release or
+any other project.
 
 The module tree is laid out so that ``TorchSkipNet("large", 1.0).state_dict()`` has exactly the
 354 names and shapes of the released SkipNet-M checkpoint
