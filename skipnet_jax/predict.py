@@ -158,23 +158,18 @@ def preprocess_image(data: bytes, size: int, mode: str, mean: Sequence[float], s
     """Encoded image bytes -> float32 ``[size, size, 3]``, as the eval pipeline prepares an example."""
     import tensorflow as tf
 
-    from skipnet_jax.data import inception, preprocess
+    from skipnet_jax.data import inception, transforms
 
-    encoded = tf.constant(data)
-    if mode == "inception":
-        image = inception.eval_image(encoded, size)
-    elif mode == "simple":
-        image = inception.decode_rgb(encoded)  # uint8 [h, w, 3]
+    image = tf.constant(data)
+    if mode == "simple":  # a file of any shape: its central square, as the datasets' square images
+        image = inception.decode_rgb(image)  # uint8 [h, w, 3]
         height, width = image.shape[0], image.shape[1]
         if height != width:
             side = min(height, width)
             image = image[
                 (height - side) // 2 : (height - side) // 2 + side, (width - side) // 2 : (width - side) // 2 + side
             ]
-        image = preprocess.resize(preprocess.to_float_rgb(image), size)
-    else:
-        raise ValueError(f"preprocessing mode {mode!r} is not 'simple' or 'inception'")
-    return preprocess.normalize(image, tuple(mean), tuple(std)).numpy()
+    return transforms.eval_image(image, mode, size, tuple(mean), tuple(std)).numpy()
 
 
 @contextlib.contextmanager

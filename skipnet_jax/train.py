@@ -186,9 +186,10 @@ def _set_up(
 ) -> tuple[_Run, TrainState] | dict[str, Any]:
     """The run and its state (restored, initialised or from ``init_from``), the workdir locked;
     or, for a run that had already finished, its results."""
-    from skipnet_jax.data import pipeline  # tf.data only where data is read
+    from skipnet_jax.data import pipeline, preparation  # tf.data only where data is read
 
-    try:
+    try:  # training is the one tool that prepares its dataset (digits, ImageNet from its tars)
+        preparation.prepare_dataset(config, process_index=jax.process_index(), process_count=jax.process_count())
         info = pipeline.get_dataset_info(config)
     except ValueError as e:  # unknown dataset name, missing files: a config problem
         raise ConfigError(str(e).splitlines()[0]) from e

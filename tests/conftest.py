@@ -28,13 +28,13 @@ def xla_flags(devices: int = 1) -> str:
 
 @pytest.fixture(scope="session")
 def digits_data_dir(tmp_path_factory):
-    from skipnet_jax.data import pipeline
+    from skipnet_jax.data import preparation
     from skipnet_jax.default_config import get_default_config
 
     path = str(tmp_path_factory.mktemp("tfds_digits"))
     config = get_default_config()
     config.data_dir = path
-    pipeline.get_dataset_info(config)  # builds the TFDS dataset (no download)
+    preparation.prepare_dataset(config)  # builds the TFDS dataset (no download)
     return path
 
 

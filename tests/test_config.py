@@ -216,15 +216,15 @@ def test_config_differences_counts_a_missing_field_as_its_schema_default():
 
 
 def test_data_num_threads_is_a_setting_and_sizes_the_tf_data_pool():
-    from skipnet_jax.data import pipeline
+    from skipnet_jax.data import tf_setup
 
     config = get_default_config()
     config.data.num_threads = 1  # what --config.data.num_threads=1 sets
     cv.validate_config(config, device_count=1, model_names=models.list_models())
-    assert pipeline._options(config).threading.private_threadpool_size == 1
+    assert tf_setup.options(config).threading.private_threadpool_size == 1
     config.data.num_threads = 0  # automatic: half of this process's CPUs, 1..16
     cpus = len(os.sched_getaffinity(0))
-    assert pipeline._options(config).threading.private_threadpool_size == min(16, max(1, cpus // 2))
+    assert tf_setup.options(config).threading.private_threadpool_size == min(16, max(1, cpus // 2))
     config.data.num_threads = -1
     with pytest.raises(cv.ConfigError, match=r"config\.data\.num_threads=-1 .*integer >= 0"):
         cv.validate_config(config, device_count=1, model_names=models.list_models())

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from skipnet_jax.data import digits, pipeline, preprocess
+from skipnet_jax.data import digits, pipeline, preparation, preprocess
 
 NUM_CLASSES = 10
 
@@ -113,7 +113,7 @@ def augmentations(config, num_batches, pad, pad_value):
 def data_dir(tmp_path_factory):
     """A TFDS data_dir with digits prepared once for the whole session."""
     path = tmp_path_factory.mktemp("tfds")
-    pipeline.get_dataset_info(make_config(path))  # Prepares digits.
+    preparation.prepare_dataset(make_config(path))  # Prepares digits.
     return path
 
 

@@ -20,7 +20,7 @@ import tensorflow as tf
 from conftest import REPO_ROOT
 from PIL import Image
 
-from skipnet_jax.data import folder, inception, pipeline, randaugment
+from skipnet_jax.data import folder, inception, pipeline, preparation, randaugment
 from skipnet_jax.default_config import get_default_config
 
 CLASSES = ("cat", "dog", "fish")
@@ -347,6 +347,13 @@ def test_imagenet2012_prepared_from_manual_dir(imagenet_manual_dir, tmp_path):
 
     config = _config("imagenet2012", manual_dir=imagenet_manual_dir, cache=True)  # cache ignored
     config.data_dir = str(tmp_path)
+    with pytest.raises(pipeline.DataNotFoundError) as excinfo:  # only preparation writes data
+        pipeline.get_dataset_info(config)
+    message = str(excinfo.value)
+    assert "not prepared" in message and repr(str(tmp_path)) in message and "ILSVRC2012_img_train.tar" in message
+    assert "skipnet_jax.data.prepare" in message and "\n" not in message
+    assert not os.listdir(tmp_path)
+    preparation.prepare_dataset(config)
     info = pipeline.get_dataset_info(config)
     assert (info.num_classes, info.num_train_examples, info.num_eval_examples) == (1000, 12, 6)
     builder = tfds.builder("imagenet2012", data_dir=str(tmp_path))
@@ -368,14 +375,14 @@ def test_imagenet2012_missing_files_error(tmp_path):
     config = _config("imagenet2012")
     config.data_dir = str(tmp_path / "tfds")
     with pytest.raises(pipeline.DataNotFoundError) as excinfo:
-        pipeline.get_dataset_info(config)
+        preparation.prepare_dataset(config)
     message = str(excinfo.value)
     default_manual = os.path.join(str(tmp_path / "tfds"), "downloads", "manual")
     assert repr(default_manual) in message and "\n" not in message
     assert "ILSVRC2012_img_train.tar" in message and "ILSVRC2012_img_val.tar" in message
     config.data.manual_dir = str(tmp_path / "elsewhere")
     with pytest.raises(ValueError, match="elsewhere"):
-        pipeline.get_dataset_info(config)
+        preparation.prepare_dataset(config)
 
 
 # ------------------------------------------------------------------ end to end

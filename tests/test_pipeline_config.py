@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from skipnet_jax import config_validation, optim
-from skipnet_jax.data import pipeline
+from skipnet_jax.data import pipeline, streams
 from skipnet_jax.default_config import get_default_config
 
 PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "skipnet_jax"
@@ -18,7 +18,7 @@ DIGITS_TRAIN = 1437
 
 
 def _stream(num_examples, batch, start_step=0, drop_remainder=False, n=16):
-    stream = pipeline._train_stream(num_examples, batch, start_step, seed=0, drop_remainder=drop_remainder)
+    stream = streams.train_stream(num_examples, batch, start_step, seed=0, drop_remainder=drop_remainder)
     return [{k: int(v) for k, v in e.items()} for e in itertools.islice(stream.as_numpy_iterator(), n)]
 
 
@@ -109,6 +109,9 @@ def _shadow_defaults(path: pathlib.Path) -> list[str]:
     return found
 
 
-@pytest.mark.parametrize("module", ["data/pipeline.py", "optim.py", "recipes.py", "config_validation.py"])
+DATA_MODULES = sorted(f"data/{p.name}" for p in (PACKAGE / "data").glob("*.py"))
+
+
+@pytest.mark.parametrize("module", [*DATA_MODULES, "optim.py", "recipes.py", "config_validation.py"])
 def test_schema_fields_are_read_without_a_second_default(module):
     assert _shadow_defaults(PACKAGE / module) == []
