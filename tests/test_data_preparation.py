@@ -36,13 +36,13 @@ def test_readers_of_an_unprepared_data_dir_prepare_nothing(tmp_path):
 
 
 def test_evaluate_on_an_unprepared_data_dir_is_one_error_and_prepares_nothing(tmp_path):
-    from skipnet_jax import evaluate
+    from skipnet_jax import inference
 
     workdir = tmp_path / "run"
     (workdir / "checkpoints" / "6").mkdir(parents=True)  # the data is looked at before the checkpoint is read
     data_dir = tmp_path / "tfds"
     with pytest.raises(ConfigError, match=r"config\.dataset='digits' is not prepared in data_dir") as excinfo:
-        evaluate.load_model(str(workdir), tiny_digits_config(str(data_dir)))
+        inference.load_model(str(workdir), tiny_digits_config(str(data_dir)))
     assert "\n" not in str(excinfo.value)
     assert not data_dir.exists()
 
