@@ -238,8 +238,8 @@ def step_setup():
     )
     options = train.StepOptions.from_config(config)
     step = jax.jit(
-        lambda s, b: train.train_step(
-            s, b, config.seed, model=model, tx=tx, learning_rate_fn=_STEP_SETUP_LR, options=options
+        lambda s, b, seed=config.seed: train.train_step(
+            s, b, seed, model=model, tx=tx, learning_rate_fn=_STEP_SETUP_LR, options=options
         )
     )
     rng = np.random.default_rng(0)
@@ -287,7 +287,7 @@ def test_halt_on_nonfinite_latches_the_first_bad_step(step_setup):
     """The loop fetches metrics only every few steps: once a step is non-finite, the steps
     dispatched after it must leave the state exactly as it was before the bad step."""
     state, step, batch = step_setup
-    guarded = jax.jit(lambda s, h, b: train.halt_on_nonfinite(s, h, b, step_fn=step))
+    guarded = jax.jit(lambda s, h, b: train.halt_on_nonfinite(s, h, b, jnp.int32(0), step_fn=step))
     bad = dict(batch, image=batch["image"].at[0, 0, 0, 0].set(jnp.nan))
     halted = jnp.array(-1, jnp.int32)
     good_state, halted, _ = guarded(state, halted, batch)
