@@ -55,6 +55,11 @@ def test_conv_params_equal_flax_conv_and_auto_impl():
     assert resolve("conv", "auto", (1, 1)) == expected and resolve("conv", "auto", (3, 3)) == "lax"
     with pytest.raises(ValueError, match="valid choices: auto, lax, dot"):
         resolve("conv", "fft", (1, 1))
+    # The same resolver decides the depthwise and BatchNorm kernels.
+    assert resolve("depthwise") == ("shift" if jax.default_backend() == "cpu" else "lax")
+    assert resolve("batch_norm") == "fused" and resolve("batch_norm", "flax") == "flax"
+    with pytest.raises(ValueError, match="Unknown depthwise impl 'nope'; valid choices: auto, lax, shift"):
+        resolve("depthwise", "nope")
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])

@@ -203,8 +203,8 @@ class BatchNorm(nn.BatchNorm):
     """``nn.BatchNorm`` with PyTorch's running variance and a faster train-mode path for
     NHWC inputs.
 
-    Same fields, variables (``scale``/``bias`` params, ``mean``/``var`` batch_stats) and
-    outputs as ``nn.BatchNorm`` (within float32 round-off).  The running variance is
+    Same fields (plus ``impl``), variables (``scale``/``bias`` params, ``mean``/``var``
+    batch_stats) and outputs as ``nn.BatchNorm`` (within float32 round-off).  The running variance is
     PyTorch's (``torch.nn.BatchNorm2d``, the release's framework, whose weights are
     converted and fine-tuned here): the batch is normalised with the biased batch
     variance, but ``var`` is updated with the unbiased one, ``momentum * var + (1 -
@@ -212,7 +212,7 @@ class BatchNorm(nn.BatchNorm):
     unmasked ones with a mask, over all of ``axis_name`` with one); ``nn.BatchNorm``
     stores the biased one.
 
-    In train mode, when `cpu_kernels.resolve_impl` picks ``"fused"`` and the
+    In train mode, when `cpu_kernels.resolve_impl` picks ``"fused"`` for ``impl`` and the
     configuration is the one used throughout this package (`_fused_kernel_applies`), the
     statistics and the gradient come from `cpu_kernels.batch_norm_train`, which XLA:CPU
     runs in about half the memory passes of the autodiff of the generic module.
@@ -220,12 +220,14 @@ class BatchNorm(nn.BatchNorm):
     itself, with the running variance's update rescaled as above.
     """
 
+    impl: str = "auto"  # train mode: "fused", "flax" or "auto" (`cpu_kernels.resolve_impl`)
+
     @nn.compact
     def __call__(self, x, use_running_average: bool | None = None, *, mask=None):
         running = nn.merge_param("use_running_average", self.use_running_average, use_running_average)
         if running or self.is_initializing():
             return super().__call__(x, use_running_average, mask=mask)
-        if not (cpu_kernels.resolve_impl("batch_norm") == "fused" and self._fused_kernel_applies(x, mask)):
+        if not (cpu_kernels.resolve_impl("batch_norm", self.impl) == "fused" and self._fused_kernel_applies(x, mask)):
             return self._generic_train(x, use_running_average, mask)
         c = x.shape[-1]
         ra_mean = self.variable("batch_stats", "mean", lambda s: jnp.zeros(s, jnp.float32), (c,))
