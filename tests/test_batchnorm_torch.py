@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch  # the test extra installs it; a missing install must fail, not skip
 
-from skipnet_jax.models import layers
+from skipnet_jax.models import cpu_kernels
 from skipnet_jax.models.layers import BatchNorm
 
 N, H, W, C = 4, 5, 5, 3
@@ -77,8 +77,8 @@ def _module(use_fast_variance: bool = False, **kwargs) -> BatchNorm:
 def test_train_mode_matches_torch(path, monkeypatch):
     """Output and running statistics after one and two train-mode updates."""
     fast_calls = []
-    fast = layers._batch_norm_train
-    monkeypatch.setattr(layers, "_batch_norm_train", lambda *args: fast_calls.append(1) or fast(*args))
+    fast = cpu_kernels.batch_norm_train
+    monkeypatch.setattr(cpu_kernels, "batch_norm_train", lambda *args: fast_calls.append(1) or fast(*args))
     module = _module(use_fast_variance=path == "flax_fast_variance")
     kwargs = {"mask": jnp.ones((N, H, W, C), bool)} if path == "flax_mask" else {}
     bn = _torch_bn()

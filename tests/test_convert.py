@@ -17,7 +17,7 @@ import torch  # the test extra installs it; a missing install must fail, not ski
 
 from skipnet_jax import convert
 from skipnet_jax.models import create_model
-from skipnet_jax.models.skipnet import torch_key_to_flax_path
+from skipnet_jax.models.skipnet_torch_keys import flax_path_to_torch_key, torch_key_to_flax_path
 from skipnet_jax.reference.torch_skipnet import TorchSkipNet, randomize_
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -109,7 +109,7 @@ def test_fixture_keys_convert_to_exactly_the_flax_tree():
     for key in shapes:
         t = torch_key_to_flax_path(key)
         if t is not None:
-            assert convert.flax_path_to_torch_key(t.collection, t.path) == key
+            assert flax_path_to_torch_key(t.collection, t.path) == key
 
 
 def test_conversion_layouts(state_dict, variables):

@@ -1,8 +1,8 @@
-"""CPU-specific formulations in skipnet_jax/models/layers.py equal the plain ones.
+"""CPU-specific formulations (skipnet_jax/models/cpu_kernels.py) equal the plain ones.
 
 * `Conv(impl="dot")` (1x1 convolutions as one matrix product; k x k via im2col) vs
   `Conv(impl="lax")` (`lax.conv_general_dilated`);
-* `BatchNorm` (train mode: closed-form statistics and VJP, `_batch_norm_train`) vs
+* `BatchNorm` (train mode: closed-form statistics and VJP, `cpu_kernels.batch_norm_train`) vs
   `flax.linen.BatchNorm`;
 values and gradients (input and parameters), stride 1 and 2, odd sizes; the running
 statistics too.  (The depthwise "shift" kernel with its hand-written VJP is compared
@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from skipnet_jax.models import cpu_kernels
 from skipnet_jax.models import layers as L
 
 
@@ -50,9 +51,15 @@ def test_conv_params_equal_flax_conv_and_auto_impl():
     flax_conv = nn.Conv(8, (3, 3), use_bias=False).init(jax.random.key(0), x)
     assert jax.tree.map(jnp.shape, ours) == jax.tree.map(jnp.shape, flax_conv)
     expected = "dot" if jax.default_backend() == "cpu" else "lax"
-    assert L.resolve_conv_impl("auto", (1, 1)) == expected and L.resolve_conv_impl("auto", (3, 3)) == "lax"
+    resolve = cpu_kernels.resolve_impl
+    assert resolve("conv", "auto", (1, 1)) == expected and resolve("conv", "auto", (3, 3)) == "lax"
     with pytest.raises(ValueError, match="valid choices: auto, lax, dot"):
-        L.resolve_conv_impl("fft", (1, 1))
+        resolve("conv", "fft", (1, 1))
+    # The same resolver decides the depthwise and BatchNorm kernels.
+    assert resolve("depthwise") == ("shift" if jax.default_backend() == "cpu" else "lax")
+    assert resolve("batch_norm") == "fused" and resolve("batch_norm", "flax") == "flax"
+    with pytest.raises(ValueError, match="Unknown depthwise impl 'nope'; valid choices: auto, lax, shift"):
+        resolve("depthwise", "nope")
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])

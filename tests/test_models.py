@@ -15,9 +15,10 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from skipnet_jax.models import create_model, list_models, register_model
+from skipnet_jax.models import create_model, list_models, register_model, torch_compat
 from skipnet_jax.models import layers as L
 from skipnet_jax.models import skipnet as S
+from skipnet_jax.models import skipnet_torch_keys as K
 
 # Reference list of the SkipNet-M state_dict keys and shapes of the authors' released checkpoint.
 _JSON_NAME = "skipnet_m_torch_state_dict.json"
@@ -214,7 +215,7 @@ def test_hard_activations():
 )
 def test_adaptive_avg_pool_matches_torch_bins(hw, out):
     x = np.random.default_rng(0).normal(size=(2, *hw, 3)).astype(np.float32)
-    got = jax.jit(L.adaptive_avg_pool, static_argnums=1)(jnp.asarray(x), out)
+    got = jax.jit(torch_compat.adaptive_avg_pool, static_argnums=1)(jnp.asarray(x), out)
     assert got.shape == (2, *out, 3)
     np.testing.assert_allclose(np.asarray(got), _np_adaptive_avg_pool(x, *out), rtol=1e-5, atol=1e-6)
 
@@ -222,7 +223,7 @@ def test_adaptive_avg_pool_matches_torch_bins(hw, out):
 def test_adaptive_avg_pool_bf16_keeps_dtype():
     x = jnp.ones((1, 10, 10, 2), jnp.bfloat16)
     for out in (5, 3):
-        y = L.adaptive_avg_pool(x, out)
+        y = torch_compat.adaptive_avg_pool(x, out)
         assert y.dtype == jnp.bfloat16
         np.testing.assert_allclose(np.asarray(y, np.float32), 1.0)
 
@@ -384,7 +385,7 @@ def test_torch_state_dict_maps_one_to_one():
     }
     seen = set()
     for key, shape in sd.items():
-        target = S.torch_key_to_flax_path(key)
+        target = K.torch_key_to_flax_path(key)
         if key.endswith("num_batches_tracked"):
             assert target is None
             continue
@@ -393,13 +394,13 @@ def test_torch_state_dict_maps_one_to_one():
         assert full in flat, (key, full)
         assert full not in seen, f"two torch keys map to {full}"
         seen.add(full)
-        converted = S.torch_array_to_flax(np.zeros(shape, np.float32), target.layout)
+        converted = K.torch_array_to_flax(np.zeros(shape, np.float32), target.layout)
         assert converted.shape == flat[full], (key, shape, converted.shape, flat[full])
     assert len(seen) == len(flat) == sum(not k.endswith("num_batches_tracked") for k in sd)
 
 
 def test_torch_key_examples_and_errors():
-    f = S.torch_key_to_flax_path
+    f = K.torch_key_to_flax_path
     assert f("first_layer.0.weight") == ("params", ("stem", "conv", "kernel"), "conv")
     assert f("first_layer.1.running_var") == ("batch_stats", ("stem", "bn", "var"), "vector")
     assert f("base_block.conv.3.weight").path == ("base_block", "depthwise", "conv", "kernel")
@@ -413,8 +414,8 @@ def test_torch_key_examples_and_errors():
         with pytest.raises(KeyError):
             f(bad)
     a = np.arange(2 * 3 * 5 * 5).reshape(2, 3, 5, 5)
-    np.testing.assert_array_equal(S.torch_array_to_flax(a, "conv")[1, 4, 2, 0], a[0, 2, 1, 4])
-    np.testing.assert_array_equal(S.torch_array_to_flax(a[:, :1], "conv")[:, :, 0, 1], a[1, 0])
+    np.testing.assert_array_equal(K.torch_array_to_flax(a, "conv")[1, 4, 2, 0], a[0, 2, 1, 4])
+    np.testing.assert_array_equal(K.torch_array_to_flax(a[:, :1], "conv")[:, :, 0, 1], a[1, 0])
 
 
 @pytest.mark.parametrize("hw", [(32, 32), (64, 64), (224, 224), (256, 256), (96, 64), (100, 75)])
@@ -571,10 +572,10 @@ def test_inverted_residual_train_gradients():
 def _torch_state_dict_to_flax(state_dict) -> dict:
     flat = {}
     for key, tensor in state_dict.items():
-        t = S.torch_key_to_flax_path(key)
+        t = K.torch_key_to_flax_path(key)
         if t is not None:
             arr = tensor.detach().cpu().numpy()
-            flat[(t.collection, *t.path)] = jnp.asarray(S.torch_array_to_flax(arr, t.layout))
+            flat[(t.collection, *t.path)] = jnp.asarray(K.torch_array_to_flax(arr, t.layout))
     return traverse_util.unflatten_dict(flat)
 
 

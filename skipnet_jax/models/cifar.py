@@ -41,7 +41,15 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from skipnet_jax.models import register_model
-from skipnet_jax.models.layers import BatchNorm, DepthwiseConv, global_avg_pool, torch_padding
+from skipnet_jax.models.layers import (
+    BN_EPSILON,
+    BN_MOMENTUM,
+    DepthwiseConv,
+    batch_norm,
+    check_images,
+    global_avg_pool,
+)
+from skipnet_jax.models.torch_compat import torch_padding
 
 Array = jax.Array
 Dtype = Any
@@ -55,9 +63,6 @@ __all__ = [
     "resnet18_cifar",
     "shufflenet_v2_x0_5",
 ]
-
-CIFAR_BN_MOMENTUM = 0.9
-CIFAR_BN_EPSILON = 1e-5
 
 # PyTorch's default Conv2d/Linear weight init: kaiming_uniform(a=sqrt(5)) is
 # U(-1/sqrt(fan_in), 1/sqrt(fan_in)), i.e. variance 1 / (3 fan_in).
@@ -80,8 +85,8 @@ class _Common(nn.Module):
     dropout_rate: float = 0.0
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
-    bn_momentum: float = CIFAR_BN_MOMENTUM
-    bn_epsilon: float = CIFAR_BN_EPSILON
+    bn_momentum: float = BN_MOMENTUM
+    bn_epsilon: float = BN_EPSILON
 
     def _conv(self, features: int, kernel: int, strides: int = 1, name: str | None = None):
         return nn.Conv(
@@ -97,14 +102,12 @@ class _Common(nn.Module):
         )
 
     def _bn(self, train: bool, name: str | None = None):
-        return BatchNorm(
-            use_running_average=not train,
+        return batch_norm(
+            train,
             momentum=self.bn_momentum,
             epsilon=self.bn_epsilon,
             dtype=self.dtype,
             param_dtype=self.param_dtype,
-            use_fast_variance=False,  # two-pass variance, like PyTorch
-            force_float32_reductions=True,
             name=name,
         )
 
@@ -122,11 +125,6 @@ class _Common(nn.Module):
             bias_init=_torch_default_bias_init(fan_in),
             name="classifier",
         )(x.astype(jnp.float32))
-
-
-def _check_images(images: Array, model: str) -> None:
-    if images.ndim != 4:
-        raise ValueError(f"{model} expects NHWC images, got shape {images.shape}")
 
 
 # --------------------------------------------------------------------------- ResNet
@@ -149,7 +147,7 @@ class ResNetCifar(_Common):
 
     @nn.compact
     def __call__(self, images: Array, train: bool = False) -> tuple[Array, dict[str, Array]]:
-        _check_images(images, "ResNetCifar")
+        check_images(images, "ResNetCifar")
         aux: dict[str, Array] = {}
         x = jnp.asarray(images, self.dtype)
         x = self._conv(self.widths[0], 3, name="stem_conv")(x)
@@ -219,7 +217,7 @@ class ShuffleNetV2Cifar(_Common):
 
     @nn.compact
     def __call__(self, images: Array, train: bool = False) -> tuple[Array, dict[str, Array]]:
-        _check_images(images, "ShuffleNetV2Cifar")
+        check_images(images, "ShuffleNetV2Cifar")
         if len(self.stages_out_channels) != len(self.stages_repeats) + 2:
             raise ValueError("stages_out_channels needs len(stages_repeats) + 2 entries")
         aux: dict[str, Array] = {}
@@ -308,7 +306,7 @@ class DenseNetCifar(_Common):
 
     @nn.compact
     def __call__(self, images: Array, train: bool = False) -> tuple[Array, dict[str, Array]]:
-        _check_images(images, "DenseNetCifar")
+        check_images(images, "DenseNetCifar")
         g = self.growth_rate
         aux: dict[str, Array] = {}
         x = jnp.asarray(images, self.dtype)

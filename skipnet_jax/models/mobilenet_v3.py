@@ -30,27 +30,21 @@ Dense ``N(0, 0.01)`` with zero bias (the squeeze-excite FCs included).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import NamedTuple
 
 import jax
-import jax.numpy as jnp
 from flax import linen as nn
 
 from skipnet_jax.models import register_model
-from skipnet_jax.models.layers import (
-    ConvBN,
-    InvertedResidual,
-    dense_kernel_init,
-    global_avg_pool,
-    hard_swish,
-)
+from skipnet_jax.models.layers import InvertedResidual, check_images
+from skipnet_jax.models.mobile_base import CLASSIFIER_HIDDEN, HS, RE, MobileBase
 
 Array = jax.Array
-Dtype = Any
 
 __all__ = [
     "MOBILENET_V3_CONFIGS",
     "MobileNetV3",
+    "MobileNetV3BlockSpec",
     "mobilenet_v3_large",
     "mobilenet_v3_small",
 ]
@@ -59,45 +53,60 @@ __all__ = [
 MBV3_BN_EPSILON = 1e-3
 MBV3_BN_MOMENTUM = 0.99
 
-# Per block: (kernel, expanded width, out width, SE, h_swish, stride).  The input width
-# of a block is the previous block's output (16, the stem width, for the first one).
-MOBILENET_V3_CONFIGS: dict[str, tuple[tuple[int, int, int, bool, bool, int], ...]] = {
+
+class MobileNetV3BlockSpec(NamedTuple):
+    """One row of the MobileNetV3 paper's tables: ``(k, exp size, #out, SE, NL, s)``.
+
+    ``expanded`` is the hidden width itself (not a ratio, unlike SkipNet's table); the
+    input width of a block is the previous block's output (the stem's 16 for the first).
+    """
+
+    kernel: int
+    expanded: int
+    out: int
+    use_se: bool
+    activation: str  # the "NL" column: RE (ReLU) or HS (h_swish)
+    stride: int
+
+
+_B = MobileNetV3BlockSpec
+
+MOBILENET_V3_CONFIGS: dict[str, tuple[MobileNetV3BlockSpec, ...]] = {
     "large": (
-        (3, 16, 16, False, False, 1),
-        (3, 64, 24, False, False, 2),
-        (3, 72, 24, False, False, 1),
-        (5, 72, 40, True, False, 2),
-        (5, 120, 40, True, False, 1),
-        (5, 120, 40, True, False, 1),
-        (3, 240, 80, False, True, 2),
-        (3, 200, 80, False, True, 1),
-        (3, 184, 80, False, True, 1),
-        (3, 184, 80, False, True, 1),
-        (3, 480, 112, True, True, 1),
-        (3, 672, 112, True, True, 1),
-        (5, 672, 160, True, True, 2),
-        (5, 960, 160, True, True, 1),
-        (5, 960, 160, True, True, 1),
+        _B(3, 16, 16, False, RE, 1),
+        _B(3, 64, 24, False, RE, 2),
+        _B(3, 72, 24, False, RE, 1),
+        _B(5, 72, 40, True, RE, 2),
+        _B(5, 120, 40, True, RE, 1),
+        _B(5, 120, 40, True, RE, 1),
+        _B(3, 240, 80, False, HS, 2),
+        _B(3, 200, 80, False, HS, 1),
+        _B(3, 184, 80, False, HS, 1),
+        _B(3, 184, 80, False, HS, 1),
+        _B(3, 480, 112, True, HS, 1),
+        _B(3, 672, 112, True, HS, 1),
+        _B(5, 672, 160, True, HS, 2),
+        _B(5, 960, 160, True, HS, 1),
+        _B(5, 960, 160, True, HS, 1),
     ),
     "small": (
-        (3, 16, 16, True, False, 2),
-        (3, 72, 24, False, False, 2),
-        (3, 88, 24, False, False, 1),
-        (5, 96, 40, True, True, 2),
-        (5, 240, 40, True, True, 1),
-        (5, 240, 40, True, True, 1),
-        (5, 120, 48, True, True, 1),
-        (5, 144, 48, True, True, 1),
-        (5, 288, 96, True, True, 2),
-        (5, 576, 96, True, True, 1),
-        (5, 576, 96, True, True, 1),
+        _B(3, 16, 16, True, RE, 2),
+        _B(3, 72, 24, False, RE, 2),
+        _B(3, 88, 24, False, RE, 1),
+        _B(5, 96, 40, True, HS, 2),
+        _B(5, 240, 40, True, HS, 1),
+        _B(5, 240, 40, True, HS, 1),
+        _B(5, 120, 48, True, HS, 1),
+        _B(5, 144, 48, True, HS, 1),
+        _B(5, 288, 96, True, HS, 2),
+        _B(5, 576, 96, True, HS, 1),
+        _B(5, 576, 96, True, HS, 1),
     ),
 }
 STEM_WIDTH = 16
-CLASSIFIER_HIDDEN = {"large": 1280, "small": 1024}
 
 
-class MobileNetV3(nn.Module):
+class MobileNetV3(MobileBase):
     """MobileNetV3 classifier for NHWC images of any size >= 32 px.
 
     ``__call__(images, train=False) -> (logits, aux)``; ``logits`` float32
@@ -113,68 +122,36 @@ class MobileNetV3(nn.Module):
     ``pre_logits``  classifier-hidden Dense + h_swish              (N, 1280)
     ==============  =============================================  =====================
 
-    Dropout (before ``classifier``) uses the ``'dropout'`` RNG and is active only in
-    train mode, where BatchNorm also uses batch statistics and updates the mutable
-    ``'batch_stats'`` collection.
+    Fields: `MobileBase`, with torchvision's BatchNorm settings as defaults.
     """
 
-    num_classes: int = 1000
-    mode: str = "large"
-    dropout_rate: float = 0.2
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-    depthwise_impl: str = "auto"
     bn_momentum: float = MBV3_BN_MOMENTUM
     bn_epsilon: float = MBV3_BN_EPSILON
 
     @nn.compact
     def __call__(self, images: Array, train: bool = False) -> tuple[Array, dict[str, Array]]:
-        if images.ndim != 4:
-            raise ValueError(f"MobileNetV3 expects NHWC images, got shape {images.shape}")
+        check_images(images, "MobileNetV3")
         if self.mode not in MOBILENET_V3_CONFIGS:
             raise ValueError(
                 f"Unknown MobileNetV3 mode {self.mode!r}; valid choices: {', '.join(sorted(MOBILENET_V3_CONFIGS))}"
             )
-        common = dict(
-            dtype=self.dtype,
-            param_dtype=self.param_dtype,
-            bn_momentum=self.bn_momentum,
-            bn_epsilon=self.bn_epsilon,
-        )
         aux: dict[str, Array] = {}
-
-        x = jnp.asarray(images, self.dtype)
-        x = ConvBN(STEM_WIDTH, 3, 2, act=hard_swish, name="stem", **common)(x, train)
-        aux["stem"] = x
-
-        for i, (k, hidden, out, se, hs, s) in enumerate(MOBILENET_V3_CONFIGS[self.mode]):
+        x = self._stem(images, STEM_WIDTH, train, aux)
+        for i, b in enumerate(MOBILENET_V3_CONFIGS[self.mode]):
             x = InvertedResidual(
-                hidden,
-                out,
-                kernel_size=k,
-                strides=s,
-                use_se=se,
-                act=hard_swish if hs else nn.relu,
-                use_expand=hidden != x.shape[-1],
+                b.expanded,
+                b.out,
+                kernel_size=b.kernel,
+                strides=b.stride,
+                use_se=b.use_se,
+                act=b.activation,
+                use_expand=b.expanded != x.shape[-1],
                 depthwise_impl=self.depthwise_impl,
                 name=f"block{i}",
-                **common,
+                **self._layer_kwargs(),
             )(x, train)
         aux["blocks"] = x
-
-        x = ConvBN(6 * x.shape[-1], 1, act=hard_swish, name="head", **common)(x, train)
-        aux["features"] = x
-
-        x = global_avg_pool(x)
-        aux["embedding"] = x
-
-        dense = dict(kernel_init=dense_kernel_init, bias_init=nn.initializers.zeros, param_dtype=self.param_dtype)
-        x = nn.Dense(CLASSIFIER_HIDDEN[self.mode], dtype=self.dtype, name="classifier_hidden", **dense)(x)
-        x = hard_swish(x)
-        aux["pre_logits"] = x
-        x = nn.Dropout(rate=self.dropout_rate, deterministic=not train)(x)
-        # The last layer runs in float32 so logits are float32 for any compute dtype.
-        logits = nn.Dense(self.num_classes, dtype=jnp.float32, name="classifier", **dense)(x.astype(jnp.float32))
+        logits = self._head(x, 6 * x.shape[-1], CLASSIFIER_HIDDEN[self.mode], train, aux)
         return logits, aux
 
 

@@ -8,133 +8,103 @@ Architecture (the paper's, as the authors' release builds it), widths for multip
    identity residual (the 1x1 expansion conv is present).
 3. 14 inverted-residual blocks in four stages (``stage{1..4}_block{i}``), see
    :data:`STAGE_CONFIGS`; hidden = md(in * t), out = md(c * w).
-4. ``skip1`` / ``skip2``: both take the base block's output, adaptive-avg-pool it to the
-   spatial size of the stage output they are added to, then 1x1 conv (md(16w) -> hidden)
-   BN ReLU, kxk depthwise s1 BN ReLU, 1x1 conv (hidden -> out) BN, no residual.
-   skip1: k5, hidden md(16*6)=96, out md(40w), added to stage 1's output (= stage 2's input).
-   skip2: k3, hidden md(16*2.3)=40, out md(80w), added to stage 2's output (= stage 3's input).
+4. ``skip1`` / ``skip2`` (:data:`SKIP_CONFIGS`): both take the base block's output,
+   adaptive-avg-pool it to the spatial size of the stage output they are added to, then
+   1x1 conv (md(16w) -> hidden) BN ReLU, kxk depthwise s1 BN ReLU, 1x1 conv (hidden ->
+   out) BN, no residual.  hidden = md(16 * t) (the unscaled stem width), out = md(c * w).
+   skip1 is added to stage 1's output (= stage 2's input), skip2 to stage 2's output.
 5. ``head``: 1x1 conv (md(160w) -> last block's hidden) BN h_swish  (the bias-loss features)
    -> global avg pool -> ``classifier_hidden`` Dense(-> H) h_swish -> dropout -> ``classifier``
    Dense(-> classes).  H = 1280 (large) / 1024 (small), md(H * w) when w > 1.
 
-Every convolution pads (k-1)//2 on each side (PyTorch style, not 'SAME').
-
-Torch checkpoint key prefix -> Flax variable path
-=================================================
-
-``S`` = 0..3 is the torch stage index, ``i`` the block within the stage.  A torch BN
-``weight``/``bias`` goes to ``params/<path>/bn/{scale,bias}``, ``running_mean`` /
-``running_var`` to ``batch_stats/<path>/bn/{mean,var}``; ``num_batches_tracked`` is
-dropped.  Conv ``weight`` -> ``params/<path>/conv/kernel`` (OIHW -> HWIO, i.e.
-``transpose(2, 3, 1, 0)``; depthwise (C,1,k,k) -> (k,k,1,C) with the same transpose);
-linear ``weight``/``bias`` -> ``params/<path>/{kernel,bias}`` (weight transposed).
-
-=================================  =========================================
-torch key prefix                   Flax path (under params / batch_stats)
-=================================  =========================================
-``first_layer.0``  (conv)          ``stem/conv``
-``first_layer.1``  (BN)            ``stem/bn``
-``base_block.conv.0`` (1x1 conv)   ``base_block/expand/conv``
-``base_block.conv.1`` (BN)         ``base_block/expand/bn``
-``base_block.conv.3`` (dw conv)    ``base_block/depthwise/conv``
-``base_block.conv.4`` (BN)         ``base_block/depthwise/bn``
-``base_block.conv.7`` (1x1 conv)   ``base_block/project/conv``
-``base_block.conv.8`` (BN)         ``base_block/project/bn``
-``blocks.S.i.conv.0``              ``stage{S+1}_block{i}/expand/conv``
-``blocks.S.i.conv.1``              ``stage{S+1}_block{i}/expand/bn``
-``blocks.S.i.conv.3``              ``stage{S+1}_block{i}/depthwise/conv``
-``blocks.S.i.conv.4``              ``stage{S+1}_block{i}/depthwise/bn``
-``blocks.S.i.conv.6.fc.0`` (SE)    ``stage{S+1}_block{i}/se/fc1``
-``blocks.S.i.conv.6.fc.2`` (SE)    ``stage{S+1}_block{i}/se/fc2``
-``blocks.S.i.conv.7``              ``stage{S+1}_block{i}/project/conv``
-``blocks.S.i.conv.8``              ``stage{S+1}_block{i}/project/bn``
-``skip{1,2}.core_block.0``         ``skip{1,2}/expand/conv``
-``skip{1,2}.core_block.1``         ``skip{1,2}/expand/bn``
-``skip{1,2}.core_block.3``         ``skip{1,2}/depthwise/conv``
-``skip{1,2}.core_block.4``         ``skip{1,2}/depthwise/bn``
-``skip{1,2}.core_block.6``         ``skip{1,2}/project/conv``
-``skip{1,2}.core_block.7``         ``skip{1,2}/project/bn``
-``conv.0`` (head 1x1 conv)         ``head/conv``
-``conv.1`` (head BN)               ``head/bn``
-``classifier.0`` (Linear)          ``classifier_hidden``
-``classifier.3`` (Linear)          ``classifier``
-=================================  =========================================
-
-:func:`torch_key_to_flax_path` implements this table; :func:`torch_array_to_flax`
-applies the layout change.
+Every convolution pads (k-1)//2 on each side (PyTorch style, not 'SAME').  The names of
+the release's PyTorch state_dict entries for these layers are in
+`skipnet_jax.models.skipnet_torch_keys`.
 """
 
 from __future__ import annotations
 
-import re
 from typing import Any, NamedTuple
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 from flax import linen as nn
 
 from skipnet_jax.models import register_model
-from skipnet_jax.models.layers import (
-    BN_EPSILON,
-    BN_MOMENTUM,
-    ConvBN,
-    InvertedResidual,
-    adaptive_avg_pool,
-    dense_kernel_init,
-    global_avg_pool,
-    hard_swish,
-    make_divisible,
-)
+from skipnet_jax.models.layers import InvertedResidual, check_images, make_divisible
+from skipnet_jax.models.mobile_base import CLASSIFIER_HIDDEN, HS, RE, MobileBase
+from skipnet_jax.models.torch_compat import adaptive_avg_pool
 
 Array = jax.Array
-Dtype = Any
 
 __all__ = [
     "AUX_KEYS",
+    "BASE_CONFIG",
+    "SKIP_CONFIGS",
     "STAGE_CONFIGS",
     "SkipNet",
-    "TorchKeyTarget",
+    "SkipNetBlockSpec",
+    "block_name",
     "skipnet_l",
     "skipnet_m",
     "skipnet_s",
     "skipnet_widths",
     "skipnet_xs",
-    "torch_array_to_flax",
-    "torch_key_to_flax_path",
 ]
 
-# (kernel, expansion t, out channels before w, SE, h_swish, stride) per IR block.
-STAGE_CONFIGS: tuple[tuple[tuple[int, float, int, bool, bool, int], ...], ...] = (
+
+class SkipNetBlockSpec(NamedTuple):
+    """One row of the paper's block table: ``(k, t, out, SE, NL, s)``.
+
+    ``expansion`` is the ratio ``t`` (hidden = md(in * t)) and ``out`` the output width
+    before the width multiplier.
+    """
+
+    kernel: int
+    expansion: float
+    out: int
+    use_se: bool
+    activation: str  # the "NL" column: RE (ReLU) or HS (h_swish)
+    stride: int
+
+
+STEM_WIDTH = 16  # before the width multiplier
+_B = SkipNetBlockSpec
+
+# The base block: in = hidden = out = the stem width, with its identity residual.
+BASE_CONFIG = _B(3, 1, 16, False, HS, 1)
+
+# The 14 inverted-residual blocks, stage by stage.
+STAGE_CONFIGS: tuple[tuple[SkipNetBlockSpec, ...], ...] = (
     (  # stage 1: 112 -> 28 at 224 px
-        (3, 4, 24, False, False, 2),
-        (3, 3, 24, False, False, 1),
-        (5, 3, 40, True, False, 2),
-        (5, 3, 40, True, False, 1),
-        (5, 6, 40, True, True, 1),
+        _B(3, 4, 24, False, RE, 2),
+        _B(3, 3, 24, False, RE, 1),
+        _B(5, 3, 40, True, RE, 2),
+        _B(5, 3, 40, True, RE, 1),
+        _B(5, 6, 40, True, HS, 1),
     ),
     (  # stage 2: 28 -> 14
-        (3, 6, 80, False, True, 2),
-        (3, 2.5, 80, False, True, 1),
-        (3, 2.3, 80, False, True, 1),
-        (3, 2.3, 80, False, True, 1),
+        _B(3, 6, 80, False, HS, 2),
+        _B(3, 2.5, 80, False, HS, 1),
+        _B(3, 2.3, 80, False, HS, 1),
+        _B(3, 2.3, 80, False, HS, 1),
     ),
     (  # stage 3: 14 -> 14
-        (3, 6, 112, True, True, 1),
-        (3, 6, 112, True, True, 1),
+        _B(3, 6, 112, True, HS, 1),
+        _B(3, 6, 112, True, HS, 1),
     ),
     (  # stage 4: 14 -> 7
-        (5, 6, 160, True, True, 2),
-        (5, 6, 160, True, True, 1),
-        (5, 6, 160, True, True, 1),
+        _B(5, 6, 160, True, HS, 2),
+        _B(5, 6, 160, True, HS, 1),
+        _B(5, 6, 160, True, HS, 1),
     ),
 )
 
-# (kernel, expansion of the *unscaled* 16-channel stem, out channels before w)
-SKIP1_CONFIG = (5, 6, 40)  # added to stage 1's output
-SKIP2_CONFIG = (3, 2.3, 80)  # added to stage 2's output
-
-CLASSIFIER_HIDDEN = {"large": 1280, "small": 1024}
+# skip1 (added to stage 1's output) and skip2 (added to stage 2's output).  Their
+# expansion applies to the *unscaled* stem width, STEM_WIDTH.
+SKIP_CONFIGS: tuple[SkipNetBlockSpec, SkipNetBlockSpec] = (
+    _B(5, 6, 40, False, RE, 1),
+    _B(3, 2.3, 80, False, RE, 1),
+)
 
 AUX_KEYS = (
     "stem",
@@ -151,42 +121,57 @@ AUX_KEYS = (
 )
 
 
+def block_name(stage: int, index: int) -> str:
+    """Flax name of block ``index`` of stage ``stage`` (both 0-based) of `STAGE_CONFIGS`."""
+    return f"stage{stage + 1}_block{index}"
+
+
+def _block_widths(spec: SkipNetBlockSpec, in_width: int, w: float) -> dict[str, Any]:
+    """``spec`` with its hidden width md(in_width * t) and output width md(out * w)."""
+    return dict(
+        kernel=spec.kernel,
+        hidden=make_divisible(in_width * spec.expansion, 8),
+        out=make_divisible(spec.out * w, 8),
+        use_se=spec.use_se,
+        activation=spec.activation,
+        stride=spec.stride,
+    )
+
+
 def skipnet_widths(mode: str, width_multiplier: float) -> dict[str, Any]:
-    """Channel widths of every SkipNet layer for a (mode, width_multiplier)."""
+    """Every SkipNet layer's widths for a (mode, width_multiplier): ``stem``, ``base``,
+    ``stages``, ``skip1``, ``skip2`` (blocks: `_block_widths`), ``head`` and
+    ``classifier_hidden``."""
     if mode not in CLASSIFIER_HIDDEN:
         raise ValueError(f"Unknown SkipNet mode {mode!r}; valid choices: {', '.join(sorted(CLASSIFIER_HIDDEN))}")
     w = float(width_multiplier)
     if w <= 0:
         raise ValueError(f"width_multiplier must be positive, got {w}")
-    stem = make_divisible(16 * w, 8)
+    stem = make_divisible(STEM_WIDTH * w, 8)
     stages = []
     c_in = stem
     for stage in STAGE_CONFIGS:
         blocks = []
-        for k, t, c, se, hs, s in stage:
-            hidden = make_divisible(c_in * t, 8)
-            out = make_divisible(c * w, 8)
-            blocks.append(dict(kernel=k, hidden=hidden, out=out, se=se, hswish=hs, stride=s))
-            c_in = out
+        for spec in stage:
+            blocks.append(_block_widths(spec, c_in, w))
+            c_in = blocks[-1]["out"]
         stages.append(blocks)
-    skips = [
-        dict(kernel=k, hidden=make_divisible(16 * t, 8), out=make_divisible(c * w, 8))
-        for k, t, c in (SKIP1_CONFIG, SKIP2_CONFIG)
-    ]
+    skip1, skip2 = (_block_widths(spec, STEM_WIDTH, w) for spec in SKIP_CONFIGS)
     h = CLASSIFIER_HIDDEN[mode]
     if w > 1.0:
         h = make_divisible(h * w, 8)
     return dict(
         stem=stem,
+        base=_block_widths(BASE_CONFIG, stem, w),
         stages=stages,
-        skip1=skips[0],
-        skip2=skips[1],
+        skip1=skip1,
+        skip2=skip2,
         head=stages[-1][-1]["hidden"],
         classifier_hidden=h,
     )
 
 
-class SkipNet(nn.Module):
+class SkipNet(MobileBase):
     """SkipNet classifier (the architecture above) for NHWC images of any size >= 32 px.
 
     ``__call__(images, train=False) -> (logits, aux)``.  ``logits`` is float32
@@ -209,86 +194,45 @@ class SkipNet(nn.Module):
     ==============  ==========================================================  ==============
 
     The input of stage 2 is ``stage1 + skip1`` and the input of stage 3 is
-    ``stage2 + skip2``.
-
-    Dropout (before ``classifier``) uses the ``'dropout'`` RNG and is active only when
-    ``train=True``; BatchNorm uses batch statistics and updates ``'batch_stats'``
-    (pass ``mutable=['batch_stats']``) when ``train=True``.
+    ``stage2 + skip2``.  Fields other than ``width_multiplier``: `MobileBase`.
     """
 
-    num_classes: int = 1000
     width_multiplier: float = 1.0
-    mode: str = "large"
-    dropout_rate: float = 0.2
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-    depthwise_impl: str = "auto"
-    bn_momentum: float = BN_MOMENTUM
-    bn_epsilon: float = BN_EPSILON
 
-    # ------------------------------------------------------------------ forward
     @nn.compact
     def __call__(self, images: Array, train: bool = False) -> tuple[Array, dict[str, Array]]:
-        if images.ndim != 4:
-            raise ValueError(f"SkipNet expects NHWC images, got shape {images.shape}")
+        check_images(images, "SkipNet")
         cfg = skipnet_widths(self.mode, self.width_multiplier)
-        common = dict(
-            dtype=self.dtype,
-            param_dtype=self.param_dtype,
-            bn_momentum=self.bn_momentum,
-            bn_epsilon=self.bn_epsilon,
-        )
-        ir = dict(depthwise_impl=self.depthwise_impl, **common)
+        ir = dict(depthwise_impl=self.depthwise_impl, **self._layer_kwargs())
         aux: dict[str, Array] = {}
 
-        x = jnp.asarray(images, self.dtype)
-        x = ConvBN(cfg["stem"], 3, 2, act=hard_swish, name="stem", **common)(x, train)
-        aux["stem"] = x
+        def block(x: Array, b: dict[str, Any], name: str, **kwargs: Any) -> Array:
+            return InvertedResidual(
+                b["hidden"],
+                b["out"],
+                kernel_size=b["kernel"],
+                strides=b["stride"],
+                use_se=b["use_se"],
+                act=b["activation"],
+                name=name,
+                **kwargs,
+                **ir,
+            )(x, train)
 
-        stem_c = cfg["stem"]
-        x = InvertedResidual(
-            stem_c,
-            stem_c,
-            kernel_size=3,
-            strides=1,
-            use_se=False,
-            act=hard_swish,
-            name="base_block",
-            **ir,
-        )(x, train)
-        base = x
+        x = self._stem(images, cfg["stem"], train, aux)
+        base = block(x, cfg["base"], "base_block")
         aux["base"] = base
 
         def run_stage(x: Array, s: int) -> Array:
             for i, b in enumerate(cfg["stages"][s]):
-                x = InvertedResidual(
-                    b["hidden"],
-                    b["out"],
-                    kernel_size=b["kernel"],
-                    strides=b["stride"],
-                    use_se=b["se"],
-                    act=hard_swish if b["hswish"] else nn.relu,
-                    name=f"stage{s + 1}_block{i}",
-                    **ir,
-                )(x, train)
+                x = block(x, b, block_name(s, i))
             return x
 
         def run_skip(target: Array, idx: int) -> Array:
-            sc = cfg[f"skip{idx}"]
             pooled = adaptive_avg_pool(base, target.shape[1:3])
-            return InvertedResidual(
-                sc["hidden"],
-                sc["out"],
-                kernel_size=sc["kernel"],
-                strides=1,
-                use_se=False,
-                act=nn.relu,
-                use_residual=False,
-                name=f"skip{idx}",
-                **ir,
-            )(pooled, train)
+            return block(pooled, cfg[f"skip{idx}"], f"skip{idx}", use_residual=False)
 
-        x = run_stage(x, 0)
+        x = run_stage(base, 0)
         aux["stage1"] = x
         skip1 = run_skip(x, 1)
         aux["skip1"] = skip1
@@ -305,19 +249,7 @@ class SkipNet(nn.Module):
         x = run_stage(x, 3)
         aux["stage4"] = x
 
-        x = ConvBN(cfg["head"], 1, act=hard_swish, name="head", **common)(x, train)
-        aux["features"] = x
-
-        x = global_avg_pool(x)
-        aux["embedding"] = x
-
-        dense = dict(kernel_init=dense_kernel_init, bias_init=nn.initializers.zeros, param_dtype=self.param_dtype)
-        x = nn.Dense(cfg["classifier_hidden"], dtype=self.dtype, name="classifier_hidden", **dense)(x)
-        x = hard_swish(x)
-        aux["pre_logits"] = x
-        x = nn.Dropout(rate=self.dropout_rate, deterministic=not train)(x)
-        # The last layer runs in float32 so logits are float32 for any compute dtype.
-        logits = nn.Dense(self.num_classes, dtype=jnp.float32, name="classifier", **dense)(x.astype(jnp.float32))
+        logits = self._head(x, cfg["head"], cfg["classifier_hidden"], train, aux)
         return logits, aux
 
 
@@ -346,122 +278,3 @@ def skipnet_m(*, num_classes: int = 1000) -> SkipNet:
 def skipnet_l(*, num_classes: int = 1000) -> SkipNet:
     """SkipNet-L: large, w = 1.15 (7,127,384 params at 1000 classes)."""
     return SkipNet(num_classes=num_classes, mode="large", width_multiplier=1.15)
-
-
-# --------------------------------------------------------------------------- torch keys
-
-
-class TorchKeyTarget(NamedTuple):
-    """Where a torch state_dict entry goes in the Flax variables.
-
-    ``collection``: ``"params"`` or ``"batch_stats"``; ``path``: tuple of names inside
-    that collection; ``layout``: ``"conv"`` (OIHW -> HWIO, also used for depthwise
-    (C,1,k,k) -> (k,k,1,C)), ``"linear"`` ((out, in) -> (in, out)) or ``"vector"``.
-    """
-
-    collection: str
-    path: tuple[str, ...]
-    layout: str
-
-
-_IR_SEQ = {  # index in the torch `conv` Sequential of an IR block -> (module, kind)
-    "0": ("expand", "conv"),
-    "1": ("expand", "bn"),
-    "3": ("depthwise", "conv"),
-    "4": ("depthwise", "bn"),
-    "7": ("project", "conv"),
-    "8": ("project", "bn"),
-}
-_SKIP_SEQ = {  # index in a skip block's `core_block` Sequential
-    "0": ("expand", "conv"),
-    "1": ("expand", "bn"),
-    "3": ("depthwise", "conv"),
-    "4": ("depthwise", "bn"),
-    "6": ("project", "conv"),
-    "7": ("project", "bn"),
-}
-_BN_LEAF = {
-    "weight": ("params", "scale"),
-    "bias": ("params", "bias"),
-    "running_mean": ("batch_stats", "mean"),
-    "running_var": ("batch_stats", "var"),
-}
-
-
-def _layer_target(prefix: tuple[str, ...], kind: str, leaf: str, key: str) -> TorchKeyTarget | None:
-    if kind == "conv":
-        if leaf != "weight":
-            raise KeyError(f"unexpected conv entry {key!r}")
-        return TorchKeyTarget("params", (*prefix, "conv", "kernel"), "conv")
-    if kind == "bn":
-        if leaf == "num_batches_tracked":
-            return None
-        if leaf not in _BN_LEAF:
-            raise KeyError(f"unexpected BatchNorm entry {key!r}")
-        col, name = _BN_LEAF[leaf]
-        return TorchKeyTarget(col, (*prefix, "bn", name), "vector")
-    if kind == "linear":
-        if leaf == "weight":
-            return TorchKeyTarget("params", (*prefix, "kernel"), "linear")
-        if leaf == "bias":
-            return TorchKeyTarget("params", (*prefix, "bias"), "vector")
-        raise KeyError(f"unexpected Linear entry {key!r}")
-    raise AssertionError(kind)
-
-
-_RE_STEM = re.compile(r"^first_layer\.(\d+)\.(\w+)$")
-_RE_BLOCK = re.compile(r"^(?:base_block|blocks\.(\d+)\.(\d+))\.conv\.(\d+)\.(?:fc\.(\d+)\.)?(\w+)$")
-_RE_SKIP = re.compile(r"^skip([12])\.core_block\.(\d+)\.(\w+)$")
-_RE_HEAD = re.compile(r"^conv\.(\d+)\.(\w+)$")
-_RE_CLS = re.compile(r"^classifier\.(\d+)\.(\w+)$")
-
-
-def torch_key_to_flax_path(key: str) -> TorchKeyTarget | None:
-    """Map a key of the released PyTorch SkipNet state_dict to its Flax variable.
-
-    Returns ``None`` for entries that have no Flax counterpart
-    (``num_batches_tracked``); raises ``KeyError`` for keys that are not part of the
-    release's layout.  See the module docstring for the full table.
-    """
-    if m := _RE_STEM.match(key):
-        idx, leaf = m.groups()
-        kind = {"0": "conv", "1": "bn"}.get(idx)
-        if kind:
-            return _layer_target(("stem",), kind, leaf, key)
-    elif m := _RE_BLOCK.match(key):
-        stage, block, idx, fc, leaf = m.groups()
-        prefix = ("base_block",) if stage is None else (f"stage{int(stage) + 1}_block{int(block)}",)
-        if fc is not None:
-            if idx == "6" and fc in ("0", "2"):
-                return _layer_target((*prefix, "se", "fc1" if fc == "0" else "fc2"), "linear", leaf, key)
-        elif idx in _IR_SEQ:
-            module, kind = _IR_SEQ[idx]
-            return _layer_target((*prefix, module), kind, leaf, key)
-    elif m := _RE_SKIP.match(key):
-        which, idx, leaf = m.groups()
-        if idx in _SKIP_SEQ:
-            module, kind = _SKIP_SEQ[idx]
-            return _layer_target((f"skip{which}", module), kind, leaf, key)
-    elif m := _RE_HEAD.match(key):
-        idx, leaf = m.groups()
-        kind = {"0": "conv", "1": "bn"}.get(idx)
-        if kind:
-            return _layer_target(("head",), kind, leaf, key)
-    elif m := _RE_CLS.match(key):
-        idx, leaf = m.groups()
-        name = {"0": "classifier_hidden", "3": "classifier"}.get(idx)
-        if name:
-            return _layer_target((name,), "linear", leaf, key)
-    raise KeyError(f"torch key {key!r} is not part of the SkipNet release layout")
-
-
-def torch_array_to_flax(array: Any, layout: str) -> np.ndarray:
-    """Apply the layout change of :class:`TorchKeyTarget.layout` to a numpy array."""
-    a = np.asarray(array)
-    if layout == "conv":  # OIHW -> HWIO; depthwise (C, 1, kh, kw) -> (kh, kw, 1, C)
-        return np.transpose(a, (2, 3, 1, 0))
-    if layout == "linear":  # (out, in) -> (in, out)
-        return np.transpose(a)
-    if layout == "vector":
-        return a
-    raise ValueError(f"Unknown layout {layout!r}; valid choices: conv, linear, vector")
