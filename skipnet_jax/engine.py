@@ -92,9 +92,37 @@ class BoundTrainStep:
     def __call__(self, state: TrainState, batch) -> tuple[TrainState, dict]:
         return self.jitted(state, batch, self.seed)
 
-    def lower(self, state: TrainState, batch):
-        """The step lowered for these arguments (``.compile()`` it to time XLA alone)."""
-        return self.jitted.lower(state, batch, self.seed)
+    def lower(self, state: TrainState, batch) -> _BoundLowered:
+        """The step lowered for these arguments; ``.compile()`` it to time XLA alone, and
+        call the result as ``(state, batch)`` too."""
+        return _BoundLowered(self.jitted.lower(state, batch, self.seed), self.seed)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class _BoundLowered:
+    lowered: Any  # jax.stages.Lowered of (state, batch, seed)
+    seed: jax.Array
+
+    def compile(self) -> _BoundCompiled:
+        return _BoundCompiled(self.lowered.compile(), self.seed)
+
+    def as_text(self) -> str:
+        return self.lowered.as_text()
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class _BoundCompiled:
+    compiled: Any  # jax.stages.Compiled of (state, batch, seed)
+    seed: jax.Array
+
+    def __call__(self, state: TrainState, batch) -> tuple[TrainState, dict]:
+        return self.compiled(state, batch, self.seed)
+
+    def cost_analysis(self):
+        return self.compiled.cost_analysis()
+
+    def memory_analysis(self):
+        return self.compiled.memory_analysis()
 
 
 @dataclasses.dataclass(frozen=True, eq=False, kw_only=True)

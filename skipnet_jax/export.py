@@ -58,7 +58,7 @@ from flax import linen as nn
 
 from skipnet_jax import cli, predict, reporting
 from skipnet_jax.config_validation import ConfigError
-from skipnet_jax.models.layers import ConvBN
+from skipnet_jax.models.layers import Conv, ConvBN, DepthwiseConv
 
 FORMATS = ("tflite", "onnx")
 INPUT_NAME = "images"
@@ -155,14 +155,13 @@ def apply_folded(model: nn.Module, folded: dict, images, paths: frozenset):
 
 
 def _plain_convolutions():
-    """Within it, every convolution module with an ``impl`` other than "lax" (the CPU
-    shifted multiply-adds of `DepthwiseConv`, im2col products) runs as one lax
+    """Within it, every convolution (`Conv`, `DepthwiseConv`) with an ``impl`` other than
+    "lax" (the CPU shifted multiply-adds of `DepthwiseConv`, im2col products) runs as one lax
     convolution instead: the same maths, as the conv operator the formats have."""
 
     def plain(next_fun, args, kwargs, context):
         module = context.module
-        impl = getattr(module, "impl", None)
-        if context.method_name != "__call__" or impl in (None, "lax") or not isinstance(impl, str):
+        if not isinstance(module, (Conv, DepthwiseConv)) or context.method_name != "__call__" or module.impl == "lax":
             return next_fun(*args, **kwargs)
         return module.clone(parent=None, impl="lax").apply({"params": module.variables["params"]}, *args, **kwargs)
 
