@@ -33,12 +33,9 @@ from skipnet_jax.reporting import CONFIG_FILE, ProgressReporter, write_results
 
 # The step layer, importable from here too: `skipnet_jax.train.train_step` etc. are the documented names.
 from skipnet_jax.steps import (  # noqa: F401 - re-exported
-    _DROPOUT_STREAM,
-    _INIT_STREAM,
     PER_EXAMPLE,
     StepOptions,
     TrainState,
-    _ema_update,
     compute_dtype,
     create_model,
     create_train_state,

@@ -13,7 +13,7 @@ import optax
 import pytest
 from conftest import tiny_digits_config
 
-from skipnet_jax import optim, train
+from skipnet_jax import optim, steps, train
 
 RESULT_KEYS = {
     "eval_top1", "eval_top5", "eval_loss", "train_loss", "steps", "examples_per_sec",
@@ -173,7 +173,7 @@ def test_ema_label_smoothing_and_bf16_take_effect():
 
 
 def _dropout_key(config, step):
-    return jax.random.fold_in(jax.random.fold_in(jax.random.key(config.seed), train._DROPOUT_STREAM), step)
+    return jax.random.fold_in(jax.random.fold_in(jax.random.key(config.seed), steps._DROPOUT_STREAM), step)
 
 
 def _matmul_dtypes(step, state, batch) -> set[str]:
