@@ -30,6 +30,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 
 from skipnet_jax import optim, sharding, steps
+from skipnet_jax.models import cpu_kernels
 from skipnet_jax.steps import StepOptions, TrainState
 
 TrainStepFn = Callable[[TrainState, Any], tuple[TrainState, dict]]
@@ -52,6 +53,23 @@ class EvalEngine:
     data_sharding: NamedSharding  # batches: split along the first axis
     _jitted: dict = dataclasses.field(default_factory=dict, repr=False)  # jitted functions, built once
 
+    @property
+    def platform(self) -> str:
+        """The platform of the mesh's devices ("cpu", "gpu", "tpu"): what the steps are built for."""
+        return self.mesh.devices.flat[0].platform
+
+    def _for_mesh(self, fn: Callable) -> Callable:
+        """`fn`, traced with the layers' "auto" kernels chosen for the mesh's platform
+        (`cpu_kernels.target_platform`), not for the host's default backend: a TPU mesh
+        gets TPU kernels even when the program is compiled on a CPU machine."""
+        platform = self.platform
+
+        def traced_for_mesh(*args, **kwargs):
+            with cpu_kernels.target_platform(platform):
+                return fn(*args, **kwargs)
+
+        return traced_for_mesh
+
     def _memoized(self, key, build: Callable[[], Callable]) -> Callable:
         if key not in self._jitted:
             self._jitted[key] = build()
@@ -64,18 +82,22 @@ class EvalEngine:
         return self._memoized(
             "logits",
             lambda: jax.jit(
-                lambda variables, images: self.model.apply(variables, images, train=False)[0],
+                self._for_mesh(lambda variables, images: self.model.apply(variables, images, train=False)[0]),
                 in_shardings=(self.replicated, self.replicated),
                 out_shardings=self.replicated,
             ),
         )
+
+    def replicated_copy(self, tree):
+        """`tree`'s arrays gathered onto every device (readable by every process)."""
+        return self._memoized("replicate", lambda: jax.jit(lambda x: x, out_shardings=self.replicated))(tree)
 
     def jitted_eval_step(self, *, use_ema: bool) -> Callable[[TrainState, Any], dict]:
         """``(state, batch) -> sums``, `steps.eval_step` on the EMA weights if `use_ema`."""
         return self._memoized(
             ("eval", use_ema),
             lambda: jax.jit(
-                functools.partial(steps.eval_step, model=self.model, use_ema=use_ema),
+                self._for_mesh(functools.partial(steps.eval_step, model=self.model, use_ema=use_ema)),
                 in_shardings=(self.replicated, self.data_sharding),
                 out_shardings=self.replicated,
             ),
@@ -152,7 +174,7 @@ class Engine(EvalEngine):
 
     def initial_state(self, seed: int) -> TrainState:
         """The freshly initialised state (`steps.create_train_state`), replicated over the mesh."""
-        init = self._memoized("init", lambda: jax.jit(self._init_fn(), out_shardings=self.replicated))
+        init = self._memoized("init", lambda: jax.jit(self._for_mesh(self._init_fn()), out_shardings=self.replicated))
         return init(self._seed(seed))
 
     def abstract_state(self) -> TrainState:
@@ -163,13 +185,85 @@ class Engine(EvalEngine):
             jax.eval_shape(self._init_fn(), jax.ShapeDtypeStruct((), jnp.int32)),
         )
 
+    def abstract_batch(self, global_batch: int, *, with_mask: bool = False) -> dict:
+        """Shapes, dtypes and sharding of a global batch as the input pipeline delivers it:
+        float32 NHWC images, int32 labels and, for evaluation, the float32 real-example mask."""
+        image_size = self.image_size
+        batch = {
+            "image": jax.ShapeDtypeStruct((global_batch, image_size, image_size, 3), jnp.float32),
+            "label": jax.ShapeDtypeStruct((global_batch,), jnp.int32),
+        }
+        if with_mask:
+            batch["mask"] = jax.ShapeDtypeStruct((global_batch,), jnp.float32)
+        return {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=self.data_sharding) for k, v in batch.items()}
+
+    def lower_eval_step(self, global_batch: int, *, use_ema: bool) -> jax.stages.Lowered:
+        """`jitted_eval_step` lowered for a global batch of `global_batch` images from shapes
+        alone, like `lower_train_step`."""
+        batch = self.abstract_batch(global_batch, with_mask=True)
+        return self.jitted_eval_step(use_ema=use_ema).lower(self.abstract_state(), batch)
+
     def _step_fn(self) -> Callable:
-        return functools.partial(
-            steps.train_step,
-            model=self.model,
-            tx=self.tx,
-            learning_rate_fn=self.learning_rate_fn,
-            options=self.options,
+        """``(state, batch, seed) -> (state, metrics)``: the train step as the engine jits it,
+        its metrics placed by `_place_metrics`."""
+        step = self._for_mesh(
+            functools.partial(
+                steps.train_step,
+                model=self.model,
+                tx=self.tx,
+                learning_rate_fn=self.learning_rate_fn,
+                options=self.options,
+            )
+        )
+
+        def placed_step(state, batch, seed):
+            new_state, metrics = step(state, batch, seed)
+            return new_state, self._place_metrics(metrics)
+
+        return placed_step
+
+    def _place_metrics(self, metrics: dict) -> dict:
+        """Scalar metrics replicated; the per-example arrays (`steps.PER_EXAMPLE`) split over
+        the devices like the batch they come from.
+
+        Asking for the per-example arrays replicated makes the SPMD partitioner gather them
+        inside the differentiated step: compiled for a v5e:2x2 slice at 256 examples per chip,
+        the SkipNet-M step then held 146 all-gathers of the 1024-example vector (one per
+        fusion that reads it), and none with them left split.  The loop gathers them itself
+        at the few steps whose histograms it keeps (`replicated_copy`).
+        """
+        placed = {
+            name: jax.lax.with_sharding_constraint(value, self.replicated)
+            for name, value in metrics.items()
+            if name != steps.PER_EXAMPLE
+        }
+        if steps.PER_EXAMPLE in metrics:
+            placed[steps.PER_EXAMPLE] = jax.lax.with_sharding_constraint(metrics[steps.PER_EXAMPLE], self.data_sharding)
+        return placed
+
+    def _jitted_train(self, *, halt_on_nonfinite: bool) -> Callable:
+        """The jitted train step: ``(state, batch, seed) -> (state, metrics)``, or with
+        `halt_on_nonfinite` ``(state, halted_at, batch, seed) -> (state, halted_at, metrics)``;
+        the state's buffers (and the latch's) donated."""
+        replicated, data = self.replicated, self.data_sharding
+        if not halt_on_nonfinite:
+            return self._memoized(
+                "train",
+                lambda: jax.jit(
+                    self._step_fn(),
+                    in_shardings=(replicated, data, replicated),
+                    out_shardings=(replicated, None),  # metrics: as `_place_metrics` placed them
+                    donate_argnums=0,
+                ),
+            )
+        return self._memoized(
+            "train_halting",
+            lambda: jax.jit(
+                functools.partial(steps.halt_on_nonfinite, step_fn=self._step_fn()),
+                in_shardings=(replicated, replicated, data, replicated),
+                out_shardings=(replicated, replicated, None),  # metrics: as `_place_metrics` placed them
+                donate_argnums=(0, 1),
+            ),
         )
 
     def jitted_train_step(self, seed: int, *, halt_on_nonfinite: bool = False) -> TrainStepFn:
@@ -181,29 +275,11 @@ class Engine(EvalEngine):
         not finite the state stays as it was before that step, however many steps were
         dispatched after it.  Without it the result is a `BoundTrainStep` (``.lower()`` works).
         """
-        replicated, data = self.replicated, self.data_sharding
         seed_array = self._seed(seed)
         if not halt_on_nonfinite:
-            jitted = self._memoized(
-                "train",
-                lambda: jax.jit(
-                    self._step_fn(),
-                    in_shardings=(replicated, data, replicated),
-                    out_shardings=(replicated, replicated),
-                    donate_argnums=0,
-                ),
-            )
-            return BoundTrainStep(jitted, seed_array)
-        guarded_step = self._memoized(
-            "train_halting",
-            lambda: jax.jit(
-                functools.partial(steps.halt_on_nonfinite, step_fn=self._step_fn()),
-                in_shardings=(replicated, replicated, data, replicated),
-                out_shardings=(replicated, replicated, replicated),
-                donate_argnums=(0, 1),
-            ),
-        )
-        halted_at = jax.device_put(jnp.array(-1, jnp.int32), replicated)
+            return BoundTrainStep(self._jitted_train(halt_on_nonfinite=False), seed_array)
+        guarded_step = self._jitted_train(halt_on_nonfinite=True)
+        halted_at = jax.device_put(jnp.array(-1, jnp.int32), self.replicated)
 
         def latched_train_step(state, batch):
             nonlocal halted_at
@@ -211,6 +287,15 @@ class Engine(EvalEngine):
             return state, metrics
 
         return latched_train_step
+
+    def lower_train_step(self, global_batch: int, *, halt_on_nonfinite: bool) -> jax.stages.Lowered:
+        """The train step the loop runs (`jitted_train_step`), lowered for a global batch of
+        `global_batch` images from shapes alone: nothing is placed on a device, so this works
+        for a mesh of compile-only devices (`skipnet_jax.plan`)."""
+        scalar = jax.ShapeDtypeStruct((), jnp.int32, sharding=self.replicated)
+        batch = self.abstract_batch(global_batch)
+        args = (scalar, batch, scalar) if halt_on_nonfinite else (batch, scalar)
+        return self._jitted_train(halt_on_nonfinite=halt_on_nonfinite).lower(self.abstract_state(), *args)
 
 
 def build_eval_engine(model, mesh: Mesh | None = None) -> EvalEngine:

@@ -255,17 +255,23 @@ class _Progress:
         self.snapshots = plots.load_snapshots(self.snapshots_path) if os.path.exists(self.snapshots_path) else {}
         self.unfetched: list[tuple[int, dict]] = []  # (completed steps, on-device metrics of that step)
 
+    def keep_metrics(self, completed: int, metrics: dict) -> None:
+        """Queues a step's on-device metrics for `fetch_metrics`.  The per-example arrays stay
+        split over the devices in the step (`engine.Engine.jitted_train_step`); they are kept,
+        gathered onto every device, only at the snapshot steps."""
+        per_example = metrics.get(PER_EXAMPLE)
+        metrics = _without(metrics, PER_EXAMPLE)
+        if per_example is not None and completed in self.wanted_snapshots:
+            metrics[PER_EXAMPLE] = self.run.engine.replicated_copy(per_example)
+        self.unfetched.append((completed, metrics))
+
     def fetch_metrics(self) -> None:
         """Brings the metrics of the steps run since the last call to the host (one transfer),
         stops on a non-finite step (unless configured to skip), and reports them."""
         config, manager = self.run.config, self.run.manager
         if not self.unfetched:
             return
-        wanted = [
-            (completed, metrics if completed in self.wanted_snapshots else _without(metrics, PER_EXAMPLE))
-            for completed, metrics in self.unfetched
-        ]
-        self.unfetched.clear()
+        wanted, self.unfetched = self.unfetched, []
         for completed, metrics in jax.device_get(wanted):
             if not bool(metrics["finite"]):
                 message = stopping.diverged_message(metrics, completed - 1, config.max_abs_weight)
@@ -322,7 +328,7 @@ def _train(run: _Run, progress: _Progress, state, train_iterator, jitted_train_s
     ):
         for completed, batch in enumerate(batches, start=start_step + 1):
             state, metrics = jitted_train_step(state, batch)
-            progress.unfetched.append((completed, metrics))
+            progress.keep_metrics(completed, metrics)
             in_flight.append(metrics["finite"])
             if len(in_flight) > MAX_STEPS_IN_FLIGHT:  # waits; the device still has queued steps
                 in_flight.popleft().block_until_ready()

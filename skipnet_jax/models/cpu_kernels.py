@@ -15,8 +15,10 @@ padding.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -28,9 +30,11 @@ __all__ = [
     "batch_norm_train",
     "conv_dot",
     "conv_lax",
+    "current_platform",
     "depthwise_lax",
     "depthwise_shift",
     "resolve_impl",
+    "target_platform",
 ]
 
 # Implementations of each operation, besides "auto" (`resolve_impl`).
@@ -39,6 +43,32 @@ IMPLS: dict[str, tuple[str, ...]] = {
     "depthwise": ("lax", "shift"),
     "batch_norm": ("flax", "fused"),
 }
+
+
+# The platform ("cpu", "tpu", "gpu", ...) of the devices a step is being traced for, when
+# `target_platform` is active; otherwise "auto" follows `jax.default_backend()`.
+_TARGET_PLATFORM: contextvars.ContextVar[str | None] = contextvars.ContextVar("target_platform", default=None)
+
+
+@contextlib.contextmanager
+def target_platform(platform: str) -> Iterator[None]:
+    """Makes ``"auto"`` resolve for `platform` while tracing in this context.
+
+    The host that traces a step is not always the one that runs it: a TPU program can be
+    compiled on a CPU machine (`skipnet_jax.plan`), and a CPU mesh can be used on a GPU
+    host.  `skipnet_jax.engine` traces every step inside this context with the platform of
+    its mesh's devices, so the kernels follow the devices the program is compiled for.
+    """
+    token = _TARGET_PLATFORM.set(platform)
+    try:
+        yield
+    finally:
+        _TARGET_PLATFORM.reset(token)
+
+
+def current_platform() -> str:
+    """The platform "auto" resolves for: `target_platform`'s, else `jax.default_backend()`."""
+    return _TARGET_PLATFORM.get() or jax.default_backend()
 
 
 def resolve_impl(op: str, impl: str = "auto", kernel_size: Sequence[int] = (1, 1)) -> str:
@@ -54,6 +84,9 @@ def resolve_impl(op: str, impl: str = "auto", kernel_size: Sequence[int] = (1, 1
       maths as Flax's in fewer memory passes; the layer still runs Flax's for the
       configurations the kernel does not cover (`layers.BatchNorm`).
 
+    "On CPU" means `current_platform()`: the platform of the mesh the step is traced for
+    (`target_platform`), or the default backend outside one.
+
     Any other ``impl`` must be one of ``IMPLS[op]`` and is returned as is.
     """
     choices = IMPLS[op]
@@ -61,7 +94,7 @@ def resolve_impl(op: str, impl: str = "auto", kernel_size: Sequence[int] = (1, 1
         if impl not in choices:
             raise ValueError(f"Unknown {op} impl {impl!r}; valid choices: auto, {', '.join(choices)}")
         return impl
-    on_cpu = jax.default_backend() == "cpu"
+    on_cpu = current_platform() == "cpu"
     if op == "conv":
         return "dot" if on_cpu and tuple(kernel_size) == (1, 1) else "lax"
     if op == "depthwise":
