@@ -1,0 +1,97 @@
+"""The plan command and the TPU program it compiles, on libtpu's compile-only devices.
+
+The real TPU compiler runs here on the CPU (the ``tpu`` extra brings libtpu); nothing is
+executed on a TPU.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import chex
+import jax
+import numpy as np
+import pytest
+from conftest import REPO_ROOT
+from jax.sharding import Mesh
+
+from skipnet_jax import engine, sharding
+from skipnet_jax.default_config import get_default_config
+from skipnet_jax.tools import compile_plan
+
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # libtpu beside the suite's other processes
+pytest.importorskip("libtpu", reason="the tpu extra (libtpu) is not installed")
+
+PER_CHIP_BATCH = 256  # the per-example gathers of a replicated metric appeared at this size, not at 16
+
+
+def _xs_engine(mesh):
+    config = get_default_config()
+    config.model, config.image_size, config.dtype = "skipnet_xs", 32, "bfloat16"
+    return engine.build_engine(config, 10, steps_per_epoch=10, num_train_steps=100, mesh=mesh, reuse=False)
+
+
+def _grouped_convolutions(lowered) -> int:
+    """Depthwise convolutions left as convolutions (``lax``) in a lowered step's StableHLO."""
+    text = lowered.as_text()
+    return sum(
+        1 for line in text.splitlines() if "stablehlo.convolution" in line and "feature_group_count = 1 " not in line
+    )
+
+
+def test_auto_kernels_follow_the_platform_of_the_mesh_not_of_the_host():
+    """On this CPU host, a step built for a TPU slice uses lax's depthwise convolutions (the
+    TPU's), and one built for the host's CPU devices the shifted multiply-adds."""
+    tpu_mesh = compile_plan.tpu_slice("v5e:2x2").mesh()
+    cpu_mesh = Mesh(np.asarray(jax.devices()[:1]), (sharding.DATA_AXIS,))
+    tpu_lowered = _xs_engine(tpu_mesh).lower_train_step(64, halt_on_nonfinite=True)
+    cpu_lowered = _xs_engine(cpu_mesh).lower_train_step(64, halt_on_nonfinite=True)
+    assert jax.default_backend() == "cpu"
+    assert _grouped_convolutions(tpu_lowered) > 0
+    assert _grouped_convolutions(cpu_lowered) == 0
+
+
+def test_plan_command_compiles_a_v5e_slice_and_its_step_communicates_only_reductions(tmp_path):
+    out = tmp_path / "plan.json"
+    command = [
+        sys.executable, "-m", "skipnet_jax.plan", "--config", "configs/digits.py", "--topology", "v5e:2x2",
+        "--global_batch", str(4 * PER_CHIP_BATCH), "--num_classes", "10", "--json", str(out),
+        "--config.model=skipnet_xs", "--config.image_size=32", "--config.eval_batch_size=64",
+    ]  # fmt: skip
+    result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "v5e:2x2" in result.stdout and "train" in result.stdout
+    (plan,) = json.loads(out.read_text())["plans"]
+    chex.assert_equal((plan["chips"], plan["devices"], plan["hosts"], plan["kernels"]), (4, 4, 1, "tpu"))
+    train = plan["train"]
+    chex.assert_equal((train["global_batch"], train["per_chip_batch"], train["fits"]), (1024, 256, True))
+    memory = train["memory_per_device"]
+    assert memory["temp_size_in_bytes"] > 0 and memory["argument_size_in_bytes"] > 0
+    assert train["flops_per_chip"] > 0 and train["bytes_accessed_per_chip"] > 0
+    assert train["roofline"]["examples_per_sec"] == pytest.approx(256 / train["roofline"]["step_s"])
+
+    # Data parallelism with replicated weights needs reductions only: the gradients, every
+    # BatchNorm's statistics over the global batch (forward mean and variance, backward
+    # sums) and the loss's min/max and metrics.  No all-gather: a per-example array
+    # requested replicated made 146 of them at 256 examples per chip.
+    collectives = train["collectives"]
+    assert set(collectives) <= {"all-reduce"}, collectives
+    batch_norms = len(
+        jax.tree.leaves(_xs_engine(compile_plan.tpu_slice("v5e:2x2").mesh()).abstract_state().batch_stats)
+    )
+    batch_norms //= 2  # mean and var of each layer
+    assert collectives["all-reduce"]["count"] <= 3 * batch_norms + 10, (collectives, batch_norms)
+
+
+def test_plan_refuses_an_unknown_generation_in_one_line():
+    result = subprocess.run(
+        [sys.executable, "-m", "skipnet_jax.plan", "--config", "configs/digits.py", "--topology", "v9z:2x2"],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 2
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: --topology='v9z:2x2'") and "v5e" in last, result.stderr[-2000:]
