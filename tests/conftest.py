@@ -1,6 +1,8 @@
 """Shared fixtures: a TFDS data_dir with the bundled digits prepared once per test session."""
 
 import os
+import shutil
+import tempfile
 
 import pytest
 
@@ -10,9 +12,24 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# Many tests compile the same train/eval steps (in-process and in CLI subprocesses, which
-# inherit the environment); JAX's persistent compilation cache lets them compile once.
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(REPO_ROOT, ".pytest_cache", "jax_compilation_cache"))
+# Many tests compile the same train/eval steps (in-process, in both pytest-xdist workers and in
+# CLI subprocesses, which all inherit the environment); JAX's persistent compilation cache lets
+# them compile once.  One fresh temporary directory per suite run: the process that runs the
+# session (xdist's controller, or pytest without -n) creates it before the workers start and
+# removes it at the end, so nothing leaks from one run into the next.  Compiles of 0.5 s and
+# more are kept (JAX's default is 1 s; with the fast-compile flags below many steps take less).
+_OWN_CACHE_DIR = None
+if "PYTEST_XDIST_WORKER" not in os.environ:
+    _OWN_CACHE_DIR = tempfile.mkdtemp(prefix="skipnet_jax_test_compilation_cache_")
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _OWN_CACHE_DIR
+    os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.5"
+    os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
+
+
+def pytest_unconfigure(config):
+    if _OWN_CACHE_DIR is not None:
+        shutil.rmtree(_OWN_CACHE_DIR, ignore_errors=True)
+
 
 # The suite is bound by XLA compilation on a small CPU and checks values, never speed: skip the
 # LLVM back end's expensive optimisations (about 2x faster compiles) in this process and in every
