@@ -16,12 +16,13 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # CLI subprocesses, which all inherit the environment); JAX's persistent compilation cache lets
 # them compile once.  One fresh temporary directory per suite run: the process that runs the
 # session (xdist's controller, or pytest without -n) creates it before the workers start and
-# removes it at the end, so nothing leaks from one run into the next.  Compiles of 0.5 s and
-# more are kept (JAX's default is 1 s; with the fast-compile flags below many steps take less).
+# removes it at the end, so nothing leaks from one run into the next (workers and a pytest run
+# by a test inherit `_SKIPNET_JAX_TEST_RUN_CACHE` and use that run's directory).  Compiles of
+# 0.5 s and more are kept (JAX's default is 1 s; with the fast-compile flags below many take less).
 _OWN_CACHE_DIR = None
-if "PYTEST_XDIST_WORKER" not in os.environ:
+if "_SKIPNET_JAX_TEST_RUN_CACHE" not in os.environ:
     _OWN_CACHE_DIR = tempfile.mkdtemp(prefix="skipnet_jax_test_compilation_cache_")
-    os.environ["JAX_COMPILATION_CACHE_DIR"] = _OWN_CACHE_DIR
+    os.environ["_SKIPNET_JAX_TEST_RUN_CACHE"] = os.environ["JAX_COMPILATION_CACHE_DIR"] = _OWN_CACHE_DIR
     os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.5"
     os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
 
