@@ -32,6 +32,46 @@ def pytest_unconfigure(config):
         shutil.rmtree(_OWN_CACHE_DIR, ignore_errors=True)
 
 
+# pytest-xdist's default scheduler ("load", what `-n 2` gives) may hand a module's tests to both
+# workers, and then a module-scoped fixture (a trained run, test_distributed's six processes, a
+# PyTorch model) is built once in each (measured: test_robustness's uninterrupted run twice).
+# Under `-n` without an explicit --dist the suite schedules with "loadgroup" instead, with every
+# test that uses a module-scoped fixture of its own module in that module's group (one worker);
+# the other tests are balanced one by one as before.  Without xdist nothing changes.
+@pytest.hookimpl(tryfirst=True)
+def pytest_configure(config):
+    explicit = any(str(arg).startswith(("--dist", "--load")) for arg in config.invocation_params.args)
+    if getattr(config.option, "dist", "no") == "load" and not explicit:
+        config.option.dist = "loadgroup"  # the controller; its workers learn it from workerinput
+    if getattr(config, "workerinput", {}).get("skipnet_loadgroup"):
+        config.option.loadgroup = True
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_configure_node(node):
+    node.workerinput["skipnet_loadgroup"] = node.config.getvalue("dist") == "loadgroup"
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items):
+    if not getattr(config.option, "loadgroup", False):
+        return
+    for item in items:
+        module = item.nodeid.split("::")[0]
+        fixturedefs = getattr(getattr(item, "_fixtureinfo", None), "name2fixturedefs", {})
+        if not any(d.scope == "module" and d.baseid == module for defs in fixturedefs.values() for d in defs):
+            continue
+        # What xdist does for an `xdist_group` mark ("@group" after the node id); xdist 3.8 sets
+        # `item._nodeid`, which pytest 9 no longer reads, so the id is set here.
+        grouped = f"{item.nodeid}@{module}"
+        if hasattr(item, "_id"):
+            from _pytest.nodeid import NodeId
+
+            item._id = NodeId.parse(grouped)
+        else:
+            item._nodeid = grouped
+
+
 # The suite is bound by XLA compilation on a small CPU and checks values, never speed: skip the
 # LLVM back end's expensive optimisations (about 2x faster compiles) in this process and in every
 # subprocess it starts (tests that set XLA_FLAGS for a subprocess extend `XLA_FLAGS_FOR_TESTS`).
