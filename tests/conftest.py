@@ -1,6 +1,8 @@
 """Shared fixtures: a TFDS data_dir with the bundled digits prepared once per test session."""
 
 import os
+import shutil
+import tempfile
 
 import pytest
 
@@ -10,9 +12,65 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# Many tests compile the same train/eval steps (in-process and in CLI subprocesses, which
-# inherit the environment); JAX's persistent compilation cache lets them compile once.
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(REPO_ROOT, ".pytest_cache", "jax_compilation_cache"))
+# Many tests compile the same train/eval steps (in-process, in both pytest-xdist workers and in
+# CLI subprocesses, which all inherit the environment); JAX's persistent compilation cache lets
+# them compile once.  One fresh temporary directory per suite run: the process that runs the
+# session (xdist's controller, or pytest without -n) creates it before the workers start and
+# removes it at the end, so nothing leaks from one run into the next (workers and a pytest run
+# by a test inherit `_SKIPNET_JAX_TEST_RUN_CACHE` and use that run's directory).  Compiles of
+# 0.5 s and more are kept (JAX's default is 1 s; with the fast-compile flags below many take less).
+_OWN_CACHE_DIR = None
+if "_SKIPNET_JAX_TEST_RUN_CACHE" not in os.environ:
+    _OWN_CACHE_DIR = tempfile.mkdtemp(prefix="skipnet_jax_test_compilation_cache_")
+    os.environ["_SKIPNET_JAX_TEST_RUN_CACHE"] = os.environ["JAX_COMPILATION_CACHE_DIR"] = _OWN_CACHE_DIR
+    os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.5"
+    os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
+
+
+def pytest_unconfigure(config):
+    if _OWN_CACHE_DIR is not None:
+        shutil.rmtree(_OWN_CACHE_DIR, ignore_errors=True)
+
+
+# pytest-xdist's default scheduler ("load", what `-n 2` gives) may hand a module's tests to both
+# workers, and then a module-scoped fixture (a trained run, test_distributed's six processes, a
+# PyTorch model) is built once in each (measured: test_robustness's uninterrupted run twice).
+# Under `-n` without an explicit --dist the suite schedules with "loadgroup" instead, with every
+# test that uses a module-scoped fixture of its own module in that module's group (one worker);
+# the other tests are balanced one by one as before.  Without xdist nothing changes.
+@pytest.hookimpl(tryfirst=True)
+def pytest_configure(config):
+    explicit = any(str(arg).startswith(("--dist", "--load")) for arg in config.invocation_params.args)
+    if getattr(config.option, "dist", "no") == "load" and not explicit:
+        config.option.dist = "loadgroup"  # the controller; its workers learn it from workerinput
+    if getattr(config, "workerinput", {}).get("skipnet_loadgroup"):
+        config.option.loadgroup = True
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_configure_node(node):
+    node.workerinput["skipnet_loadgroup"] = node.config.getvalue("dist") == "loadgroup"
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items):
+    if not getattr(config.option, "loadgroup", False):
+        return
+    for item in items:
+        module = item.nodeid.split("::")[0]
+        fixturedefs = getattr(getattr(item, "_fixtureinfo", None), "name2fixturedefs", {})
+        if not any(d.scope == "module" and d.baseid == module for defs in fixturedefs.values() for d in defs):
+            continue
+        # What xdist does for an `xdist_group` mark ("@group" after the node id); xdist 3.8 sets
+        # `item._nodeid`, which pytest 9 no longer reads, so the id is set here.
+        grouped = f"{item.nodeid}@{module}"
+        if hasattr(item, "_id"):
+            from _pytest.nodeid import NodeId
+
+            item._id = NodeId.parse(grouped)
+        else:
+            item._nodeid = grouped
+
 
 # The suite is bound by XLA compilation on a small CPU and checks values, never speed: skip the
 # LLVM back end's expensive optimisations (about 2x faster compiles) in this process and in every
