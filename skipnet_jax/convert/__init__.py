@@ -1,4 +1,5 @@
-"""Convert a PyTorch SkipNet checkpoint (the authors' release layout) to Flax variables.
+"""Convert a PyTorch checkpoint of the authors' releases (SkipNet; the bias-loss release's
+CIFAR ShuffleNetV2 0.5x) to Flax variables.
 
 Command line::
 
@@ -7,7 +8,8 @@ Command line::
 
 reads the ``.pth`` file with ``torch.load(..., map_location="cpu", weights_only=True)``
 (never plain pickle, so a checkpoint cannot run code), maps every entry to the Flax
-variable it belongs to (the key map `skipnet_jax.models.skipnet_torch_keys`), checks every
+variable it belongs to (the key maps `skipnet_jax.models.skipnet_torch_keys`,
+`skipnet_jax.models.shufflenet_torch_keys`; `convertible_models()` lists them), checks every
 name and shape against the Flax model, and writes ``DIR``:
 
 * ``DIR/variables/``: an orbax checkpoint (``orbax.checkpoint.StandardCheckpointer``) of
