@@ -17,6 +17,17 @@ RETIRED_KEYS = {
     "(a perfect shuffle), so there is no shuffle buffer",
 }
 
+# Fields that do not change what a training step computes (logging, evaluation, checkpoint
+# cadence, where files are, input-pipeline performance, safety stops): a resumed run may change
+# them freely. Changing any other field on resume changes the optimisation of the steps still to
+# run, so training refuses it unless told to allow it (`python -m skipnet_jax.main
+# --allow_changed_config`), and then records it in WORKDIR/config_changes.json.
+RESUME_SAFE_KEYS = frozenset({
+    "log_every_steps", "eval_every_steps", "checkpoint_every_steps", "keep_checkpoints", "eval_batch_size",
+    "data_dir", "init_from", "skip_nonfinite_steps", "max_abs_weight",
+    "data.eval_split", "data.cache", "data.prefetch", "data.num_threads", "data.manual_dir", "data.bad_images",
+})  # fmt: skip
+
 
 def get_default_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()

@@ -26,7 +26,17 @@ import numpy as np
 import optax
 from absl import logging
 
-from skipnet_jax import checkpointing, config_validation, init_from, optim, plots, reporting, sharding, stopping
+from skipnet_jax import (
+    checkpointing,
+    config_validation,
+    default_config,
+    init_from,
+    optim,
+    plots,
+    reporting,
+    sharding,
+    stopping,
+)
 from skipnet_jax.config_validation import ConfigError, check_num_classes
 from skipnet_jax.engine import Engine, build_engine
 from skipnet_jax.reporting import CONFIG_FILE, ProgressReporter, write_results
@@ -119,24 +129,65 @@ def _save_config(config, workdir: str) -> None:
         f.write(config.to_json_best_effort(indent=2, sort_keys=True))
 
 
-def _config_change(workdir: str, config) -> str:
-    """What differs from the config that wrote the workdir's checkpoints (its config.json),
-    as the lead of the refusal: the fields, not the thousands of tensor shapes, tell the
-    user what to change back."""
+def _saved_config_changes(workdir: str, config) -> dict[str, tuple[Any, Any]]:
+    """``{key: (saved, now)}``: what differs from the config that wrote the workdir's
+    checkpoints (its config.json); empty when there is none."""
     saved = reporting.read_json(os.path.join(workdir, CONFIG_FILE))
     if saved is None:
-        return ""
-    changed = config_validation.config_differences(saved, json.loads(config.to_json_best_effort()))
+        return {}
+    return config_validation.config_changes(saved, json.loads(config.to_json_best_effort()))
+
+
+def _config_change(workdir: str, config) -> str:
+    """What differs from the config that wrote the workdir's checkpoints, as the lead of the
+    refusal: the fields, not the thousands of tensor shapes, tell the user what to change back."""
+    changed = [f"{key}: {a!r} vs {b!r}" for key, (a, b) in _saved_config_changes(workdir, config).items()]
     return f"config differs from the workdir's run ({'; '.join(changed)}): " if changed else ""
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+def _listed(changes: dict[str, tuple[Any, Any]]) -> str:
+    return ", ".join(f"{key} {a!r} -> {b!r}" for key, (a, b) in changes.items())
+
+
+def _check_resume_changes(workdir: str, changes: dict, start_step: int, allow: bool, is_chief: bool) -> None:
+    """Refuses to resume from `start_step` with changed optimisation settings (every field not in
+    `default_config.RESUME_SAFE_KEYS`) unless `allow`; allowed, appends them to
+    WORKDIR/config_changes.json with the step from which the new values apply."""
+    altering = {key: change for key, change in changes.items() if key not in default_config.RESUME_SAFE_KEYS}
+    if not altering:
+        return
+    record_path = os.path.join(workdir, reporting.CONFIG_CHANGES_FILE)
+    if not allow:
+        raise ConfigError(
+            f"{workdir} resumes at step {start_step} and steps 1-{start_step} ran with other optimisation "
+            f"settings ({_listed(altering)}); rerun with the workdir's settings (its {CONFIG_FILE}), pass "
+            f"another --workdir, or pass --allow_changed_config to go on with the new ones (recorded in "
+            f"{record_path})"
+        )
+    logging.warning("Resuming at step %d with changed settings (%s); recorded in %s.",
+                    start_step, _listed(altering), record_path)  # fmt: skip
+    if is_chief:
+        history = (reporting.read_json(record_path) or {}).get("changes", [])
+        history.append({
+            "from_step": start_step + 1,
+            "changed": {key: {"before": a, "after": b} for key, (a, b) in altering.items()},
+        })  # fmt: skip
+        reporting.write_json(record_path, {"changes": history})
+
+
+def train_and_evaluate(
+    config: ml_collections.ConfigDict, workdir: str, *, allow_changed_config: bool = False
+) -> dict[str, Any]:
     """Trains (resuming from WORKDIR/checkpoints if present), evaluates, writes results.json.
 
     One training run per workdir: while this one runs, another started there fails at
-    once (`checkpointing.workdir_lock`)."""
+    once (`checkpointing.workdir_lock`).  A resume with changed optimisation settings (any
+    field outside `default_config.RESUME_SAFE_KEYS`) is refused with a `ConfigError`
+    naming them, unless `allow_changed_config`; then they are recorded in
+    WORKDIR/config_changes.json.  Re-running a finished run returns its results and
+    changes nothing (a changed setting is reported as not applied)."""
     with contextlib.ExitStack() as held:  # the workdir lock, taken once the workdir exists; released on any exit
-        return _train_and_evaluate(config, workdir, held)
+        return _train_and_evaluate(config, workdir, held, allow_changed_config)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -154,11 +205,13 @@ class _Run:
     is_chief: bool
 
 
-def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, held: contextlib.ExitStack) -> dict[str, Any]:
+def _train_and_evaluate(
+    config: ml_collections.ConfigDict, workdir: str, held: contextlib.ExitStack, allow_changed_config: bool
+) -> dict[str, Any]:
     from skipnet_jax.data import pipeline  # tf.data only where data is read
 
     wall_start = time.time()
-    set_up = _set_up(config, workdir, held)
+    set_up = _set_up(config, workdir, held, allow_changed_config)
     if not isinstance(set_up, tuple):
         return set_up  # the run had finished: its results
     run, state = set_up
@@ -179,7 +232,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, held: c
 
 
 def _set_up(
-    config: ml_collections.ConfigDict, workdir: str, held: contextlib.ExitStack
+    config: ml_collections.ConfigDict, workdir: str, held: contextlib.ExitStack, allow_changed_config: bool = False
 ) -> tuple[_Run, TrainState] | dict[str, Any]:
     """The run and its state (restored, initialised or from ``init_from``), the workdir locked;
     or, for a run that had already finished, its results."""
@@ -191,6 +244,7 @@ def _set_up(
     except ValueError as e:  # unknown dataset name, missing files: a config problem
         raise ConfigError(str(e).splitlines()[0]) from e
     num_classes = check_num_classes(config, info.num_classes)
+    config_validation.check_batch_fits(config, info.num_train_examples, info.name)
     steps_per_epoch, num_train_steps = optim.steps_for(config, info.num_train_examples)
     is_chief = jax.process_index() == 0
 
@@ -219,12 +273,23 @@ def _set_up(
             state = jax.device_put(init_from.with_initial_weights(state, initial_weights), engine.replicated)
             logging.info("Initialised weights from %s", config.init_from)
     start_step = int(state.step)
+    changes = _saved_config_changes(workdir, config) if restored is not None else {}
     if start_step >= num_train_steps:
         finished = reporting.read_results(workdir)
         if finished is not None and finished.get("steps") == start_step:
             logging.info("The run in %s finished at step %d; its results are kept as they are.", workdir, start_step)
+            if changes:
+                logging.warning(
+                    "Not applied (the run had finished; nothing was trained or rewritten): %s. "
+                    "Pass another --workdir to train with these settings.", _listed(changes),
+                )  # fmt: skip
             manager.close()
             return finished
+    try:
+        _check_resume_changes(workdir, changes, start_step, allow_changed_config, is_chief)
+    except ConfigError:
+        manager.close()
+        raise
     if is_chief:  # only now: a refused resume or a bad init_from leaves the run's config.json as it was
         _save_config(config, workdir)
     num_params = sum(x.size for x in jax.tree.leaves(state.params))

@@ -1,0 +1,137 @@
+"""What a careless rerun cannot do to a run: resume with other optimisation settings
+unnoticed, change a finished run without saying so, or start with a batch larger than the data.
+
+The workdir is built without training: the tiny digits model's state (zeros of the right
+shapes, nothing compiled) saved as checkpoint 4 next to the config.json of the run that wrote
+it.  Resuming stops in `train._set_up`, before any step is compiled.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+from conftest import tiny_digits_config
+
+from skipnet_jax import checkpointing, reporting, train
+from skipnet_jax.config_validation import ConfigError
+
+STEP = 4
+
+
+@pytest.fixture
+def resumable(digits_data_dir, tmp_path):
+    """``(workdir, config)``: checkpoint 4 of an 8-step run with `config`, and its config.json."""
+    config = tiny_digits_config(digits_data_dir, num_train_steps=8)
+    engine = train.build_engine(config, 10, steps_per_epoch=45, num_train_steps=8)
+    state = jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), engine.abstract_state()).replace(step=np.int32(STEP))
+    workdir = str(tmp_path / "run")
+    manager = checkpointing.create_manager(workdir, keep=3)
+    checkpointing.save(manager, STEP, state)
+    manager.wait_until_finished()
+    manager.close()
+    train._save_config(config, workdir)
+    return workdir, config
+
+
+def _set_up(config, workdir, allow=False):
+    """The run `train_and_evaluate` would start (its checkpoint manager closed again)."""
+    with contextlib.ExitStack() as held:
+        set_up = train._set_up(config, workdir, held, allow)
+    if isinstance(set_up, tuple):
+        set_up[0].manager.close()
+    return set_up
+
+
+def _read(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+def test_resume_with_a_changed_learning_rate_is_refused_naming_it(resumable):
+    workdir, config = resumable
+    saved = open(os.path.join(workdir, "config.json"), "rb").read()
+    config.learning_rate = 0.01
+    config.log_every_steps = 1  # a harmless change is not named
+    with pytest.raises(ConfigError) as caught:
+        train.train_and_evaluate(config, workdir)
+    message = str(caught.value)
+    assert "\n" not in message
+    assert "resumes at step 4 and steps 1-4 ran with other optimisation settings (learning_rate 0.001 -> 0.01)" in (
+        message
+    )
+    assert "--allow_changed_config" in message and "log_every_steps" not in message
+    assert open(os.path.join(workdir, "config.json"), "rb").read() == saved  # the run's record is unchanged
+    assert not os.path.exists(os.path.join(workdir, reporting.CONFIG_CHANGES_FILE))
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [("batch_size", 16), ("adam_b1", 0.8), ("schedule", "constant"), ("weight_decay", 0.0), ("loss", "ce")],
+)
+def test_every_optimisation_field_is_refused(resumable, field, value):
+    workdir, config = resumable
+    config[field] = value
+    with pytest.raises(ConfigError, match=rf"settings \({field} "):
+        _set_up(config, workdir)
+
+
+def test_harmless_changes_resume_as_before(resumable):
+    workdir, config = resumable
+    config.log_every_steps, config.eval_every_steps, config.checkpoint_every_steps = 1, 2, 2
+    run, state = _set_up(config, workdir)
+    assert run.start_step == STEP == int(state.step)
+    assert _read(os.path.join(workdir, "config.json"))["eval_every_steps"] == 2
+    assert not os.path.exists(os.path.join(workdir, reporting.CONFIG_CHANGES_FILE))
+
+
+def test_an_allowed_change_is_recorded_with_the_steps_it_applies_to(resumable):
+    workdir, config = resumable
+    config.learning_rate = 0.01
+    run, _ = _set_up(config, workdir, allow=True)
+    assert run.start_step == STEP
+    assert _read(os.path.join(workdir, "config.json"))["learning_rate"] == 0.01
+    record = _read(os.path.join(workdir, reporting.CONFIG_CHANGES_FILE))
+    assert record == {"changes": [{"from_step": 5, "changed": {"learning_rate": {"before": 0.001, "after": 0.01}}}]}
+    # A second allowed change is appended: the record says which steps ran under which values.
+    config.learning_rate, config.num_train_steps = 0.02, 10
+    _set_up(config, workdir, allow=True)
+    changes = _read(os.path.join(workdir, reporting.CONFIG_CHANGES_FILE))["changes"]
+    assert changes[1] == {
+        "from_step": 5,
+        "changed": {
+            "learning_rate": {"before": 0.01, "after": 0.02},
+            "num_train_steps": {"before": 8, "after": 10},
+        },
+    }
+
+
+def test_rerunning_a_finished_run_with_an_override_says_it_was_not_applied(resumable, monkeypatch):
+    workdir, config = resumable
+    config.num_train_steps = STEP
+    train._save_config(config, workdir)
+    results = {"steps": STEP, "eval_top1": 0.5}
+    reporting.write_results(workdir, results)
+    warnings = []
+    monkeypatch.setattr(train.logging, "warning", lambda message, *args: warnings.append(message % args))
+    config.learning_rate = 0.5
+    assert train.train_and_evaluate(config, workdir) == results
+    (warning,) = warnings
+    assert warning.startswith("Not applied (the run had finished; nothing was trained or rewritten): learning_rate")
+    assert _read(os.path.join(workdir, "config.json"))["learning_rate"] == 0.001
+
+
+def test_a_global_batch_larger_than_the_train_split_is_refused_before_anything_is_written(digits_data_dir, tmp_path):
+    workdir = tmp_path / "run"
+    config = tiny_digits_config(digits_data_dir, batch_size=100_000)
+    with pytest.raises(ConfigError) as caught:
+        train.train_and_evaluate(config, str(workdir))
+    assert str(caught.value) == (
+        "config.batch_size=100000 is larger than the train split (digits 'train': 1437 examples); "
+        "set --config.batch_size to at most 1437"
+    )
+    assert not workdir.exists()
