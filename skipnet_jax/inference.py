@@ -32,6 +32,7 @@ from skipnet_jax.reporting import CONFIG_FILE
 __all__ = [
     "LoadedModel",
     "check_dataset_classes",
+    "check_model_dir",
     "config_from_json",
     "dataset_class_names",
     "is_converted_dir",
@@ -125,9 +126,24 @@ def config_from_json(path: str) -> ml_collections.ConfigDict:
     return config
 
 
+def check_model_dir(workdir: str) -> None:
+    """`ConfigError` unless `workdir` is a directory holding a model: a training run's
+    config.json or checkpoints, or a converted directory's model.json."""
+    if not os.path.isdir(workdir):
+        what = "does not exist" if not os.path.exists(workdir) else "is a file"
+        raise ConfigError(f"--workdir {workdir} is not a directory (it {what})")
+    markers = (CONFIG_FILE, checkpointing.CHECKPOINTS_SUBDIR, convert.META_FILE)
+    if not any(os.path.exists(os.path.join(workdir, name)) for name in markers):
+        raise ConfigError(
+            f"--workdir {workdir} holds no model: no {CONFIG_FILE} or {checkpointing.CHECKPOINTS_SUBDIR}/ "
+            f"(a training workdir) and no {convert.META_FILE} (a `skipnet_jax.convert` output directory)"
+        )
+
+
 def load_config(workdir: str) -> ml_collections.ConfigDict:
     """The default config of `workdir`: its config.json, or for a converted dir the defaults
     with ``model``, ``num_classes``, ``dataset`` and the eval preprocessing from model.json."""
+    check_model_dir(workdir)
     if is_converted_dir(workdir):
         return _converted_config(workdir)
     return config_from_json(os.path.join(workdir, CONFIG_FILE))
@@ -205,8 +221,7 @@ def load_model(workdir: str, config: ml_collections.ConfigDict | None = None) ->
     the checkpoint is restored into).  Raises `ConfigError` with a one-line message.
     """
     workdir = os.path.abspath(workdir)
-    if not os.path.isdir(workdir):
-        raise ConfigError(f"--workdir {workdir} is not a directory")
+    check_model_dir(workdir)
     config = (load_config(workdir) if config is None else config).copy_and_resolve_references()
     config.unlock()
     if is_converted_dir(workdir):

@@ -135,3 +135,38 @@ def test_a_global_batch_larger_than_the_train_split_is_refused_before_anything_i
         "set --config.batch_size to at most 1437"
     )
     assert not workdir.exists()
+
+
+# --- predict/evaluate/export on a directory without a model ------------------------------------
+
+
+def test_a_missing_workdir_is_not_a_directory_and_an_empty_one_holds_no_model(tmp_path):
+    from skipnet_jax import inference
+
+    missing, empty = tmp_path / "missing", tmp_path / "empty"
+    empty.mkdir()
+    for load in (inference.load_config, inference.load_model):
+        with pytest.raises(ConfigError, match=rf"^--workdir {missing} is not a directory \(it does not exist\)$"):
+            load(str(missing))
+        with pytest.raises(ConfigError, match=rf"^--workdir {empty} holds no model: no config\.json or checkpoints/"):
+            load(str(empty))
+
+
+def test_predict_names_the_workdir_before_the_images(tmp_path):
+    """The directory is checked first, with or without --config: a missing model is the
+    problem to report, not the image paths."""
+    import subprocess
+    import sys
+
+    from conftest import REPO_ROOT
+
+    (tmp_path / "empty").mkdir()
+    for workdir, extra, expected in (
+        (tmp_path / "missing", (), "is not a directory (it does not exist)"),
+        (tmp_path / "empty", ("--config=configs/digits.py",), "holds no model: no config.json"),
+    ):
+        argv = [sys.executable, "-m", "skipnet_jax.predict", f"--workdir={workdir}", *extra, "no_such.jpg"]
+        result = subprocess.run(argv, cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+        assert result.returncode == 2
+        (line,) = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+        assert line.startswith(f"error: --workdir {workdir} {expected}"), line
