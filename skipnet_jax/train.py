@@ -382,6 +382,7 @@ def _train(run: _Run, progress: _Progress, state, train_iterator, jitted_train_s
 
     batches = sharding.prefetch_to_device(checked_batches(), data_sharding, DEVICE_PREFETCH)
     with (
+        checkpointing.out_of_space_stops(manager),
         stopping.PreemptionWatcher() as preemption,
         stopping.finish_saves_on((BadImageError, KeyboardInterrupt), manager),
     ):

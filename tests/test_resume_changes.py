@@ -170,3 +170,51 @@ def test_predict_names_the_workdir_before_the_images(tmp_path):
         assert result.returncode == 2
         (line,) = [line for line in result.stderr.splitlines() if line.startswith("error:")]
         assert line.startswith(f"error: --workdir {workdir} {expected}"), line
+
+
+# --- A full disk during a checkpoint save --------------------------------------------------------
+
+
+def test_a_full_disk_during_a_save_is_one_line_and_leaves_no_partial_checkpoint(tmp_path, monkeypatch, caplog):
+    """orbax writes the arrays in a background thread; TensorStore reports the full disk as
+    RESOURCE_EXHAUSTED with the OS error.  Whichever manager call meets it, the loop's guard
+    turns it into one `CheckpointWriteError`, removes ``<step>.orbax-checkpoint-tmp`` and
+    drops orbax's tracebacks."""
+    import errno
+    import logging
+
+    import jax.numpy as jnp
+    from orbax.checkpoint._src.serialization import serialization
+
+    state = {"w": jnp.ones((8, 8)), "step": jnp.asarray(0)}
+    manager = checkpointing.create_manager(str(tmp_path), keep=3)
+    checkpointing.save(manager, 2, state)
+    manager.wait_until_finished()
+
+    async def disk_full(*args, **kwargs):
+        raise ValueError(f'RESOURCE_EXHAUSTED: Error writing local file "w/0": [OS error: {os.strerror(errno.ENOSPC)}]')
+
+    monkeypatch.setattr(serialization, "async_serialize_from_host", disk_full)
+    caplog.set_level(logging.ERROR)
+    with pytest.raises(checkpointing.CheckpointWriteError) as caught:
+        with checkpointing.out_of_space_stops(manager):
+            checkpointing.save(manager, 4, state)
+            manager.wait_until_finished()
+    manager.close()
+    message = str(caught.value)
+    directory = checkpointing.checkpoint_dir(str(tmp_path))
+    assert "\n" not in message
+    assert message.startswith(f"checkpoint {directory}/4 could not be written: no space left on device (")
+    assert "the earlier checkpoints (2) are intact; free space (" in message
+    assert message.endswith("and rerun the same command to resume from step 2")
+    assert sorted(os.listdir(directory)) == ["2"]  # the partial 4.orbax-checkpoint-tmp is gone
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], [r.getMessage() for r in caplog.records]
+
+
+def test_other_errors_pass_the_full_disk_guard_unchanged(tmp_path):
+    manager = checkpointing.create_manager(str(tmp_path), keep=3)
+    with pytest.raises(RuntimeError, match=r"^RESOURCE_EXHAUSTED: out of memory on device$"):
+        with checkpointing.out_of_space_stops(manager):
+            raise RuntimeError("RESOURCE_EXHAUSTED: out of memory on device")  # XLA's OOM is no full disk
+    manager.close()
+    assert checkpointing.is_out_of_space(OSError(28, "No space left on device"))
