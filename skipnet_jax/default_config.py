@@ -74,8 +74,8 @@ def get_default_config() -> ml_collections.ConfigDict:
     # to prepare it on first use; None = TFDS's default <data_dir>/downloads/manual
     c.data.manual_dir = ml_collections.config_dict.placeholder(str)
     # "auto" | "inception" | "simple". inception: train = random-resized crop (decoded from the
-    # JPEG) + flip, eval = shorter side to ceil(image_size/0.875) + centre crop. simple: resize
-    # to a square + pad-and-crop shift (+ flip). auto = inception for image folders, imagenet2012
+    # JPEG) + flip, eval = shorter side to ceil(image_size/0.875) + centre crop. simple: the
+    # central square resized to image_size + pad-and-crop shift (+ flip). auto = inception for image folders, imagenet2012
     # and datasets with variable-size or > 64 px images, else simple
     c.data.preprocessing = "auto"
     c.data.randaugment_num_layers = 0  # RandAugment ops per train image; 0 disables it

@@ -7,17 +7,17 @@ Command line::
 ``DIR`` is a training workdir (latest checkpoint, EMA weights if the run kept them) or
 a ``python -m skipnet_jax.convert`` output directory, as for `skipnet_jax.evaluate`.
 Images are JPEG, PNG, GIF or BMP of any size and are preprocessed as the eval split of
-the model's dataset is (`eval_preprocessing`): the dataset, image size and preprocessing
+the model's dataset is, by the same function (`transforms.eval_image`; `eval_preprocessing`
+names its mode and statistics): the dataset, image size and preprocessing
 come with the model, from the run's config.json or from the converted directory's
 model.json (`preprocessing_record`; ``--config.KEY=VALUE`` overrides still apply):
 
 * "inception" datasets (ImageNet, image folders, large images): the shorter side is
   resized to ``ceil(image_size / 0.875)`` and the central ``image_size`` square
   cropped (`inception.eval_image`);
-* "simple" datasets (small images such as digits, CIFAR): ``to_float_rgb`` and the
-  antialiased bilinear `preprocess.resize` to ``image_size``; an image that is not
-  square is first centre-cropped to a square (eval images of these datasets are
-  square, so for them this changes nothing);
+* "simple" datasets (small images such as digits, CIFAR): the central square
+  (`preprocess.center_square`), ``to_float_rgb`` and the antialiased bilinear
+  `preprocess.resize` to ``image_size``;
 
 then the dataset's per-channel normalisation (`preprocess.normalize`).  Prints a first
 ``#`` line naming the model and that preprocessing (`describe_preprocessing`), then, per
@@ -155,21 +155,13 @@ def apply_preprocessing_record(config, record: Any, where: str) -> None:
 
 
 def preprocess_image(data: bytes, size: int, mode: str, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
-    """Encoded image bytes -> float32 ``[size, size, 3]``, as the eval pipeline prepares an example."""
+    """Encoded image bytes -> float32 ``[size, size, 3]``: `transforms.eval_image`, the eval
+    pipeline's own transform."""
     import tensorflow as tf
 
-    from skipnet_jax.data import inception, transforms
+    from skipnet_jax.data import transforms
 
-    image = tf.constant(data)
-    if mode == "simple":  # a file of any shape: its central square, as the datasets' square images
-        image = inception.decode_rgb(image)  # uint8 [h, w, 3]
-        height, width = image.shape[0], image.shape[1]
-        if height != width:
-            side = min(height, width)
-            image = image[
-                (height - side) // 2 : (height - side) // 2 + side, (width - side) // 2 : (width - side) // 2 + side
-            ]
-    return transforms.eval_image(image, mode, size, tuple(mean), tuple(std)).numpy()
+    return transforms.eval_image(tf.constant(data), mode, size, tuple(mean), tuple(std)).numpy()
 
 
 @contextlib.contextmanager
