@@ -222,12 +222,8 @@ def _check_bias_loss(config: ml_collections.ConfigDict) -> None:
 def validate_data_config(config: ml_collections.ConfigDict) -> None:
     """Raises ConfigError for the first invalid ``config.data`` field (the input pipeline runs
     this too, for callers that skip `validate_config`)."""
-    # Imported here: the pipeline imports this module, and it needs TensorFlow, which the model
-    # and training code (and so this module) must not.
-    from skipnet_jax.data import pipeline, randaugment
-
-    _choice(config, "data.preprocessing", pipeline.PREPROCESSINGS)
-    _choice(config, "data.bad_images", pipeline.BAD_IMAGE_POLICIES)
+    _choice(config, "data.preprocessing", default_config.PREPROCESSINGS)
+    _choice(config, "data.bad_images", default_config.BAD_IMAGE_POLICIES)
     _check(
         config,
         "data.randaugment_num_layers",
@@ -237,8 +233,8 @@ def validate_data_config(config: ml_collections.ConfigDict) -> None:
     _check(
         config,
         "data.randaugment_magnitude",
-        lambda v: _is_number(v) and 0 <= v <= randaugment.MAX_LEVEL,
-        f"a number in [0, {randaugment.MAX_LEVEL:g}]",
+        lambda v: _is_number(v) and 0 <= v <= default_config.RANDAUGMENT_MAX_LEVEL,
+        f"a number in [0, {default_config.RANDAUGMENT_MAX_LEVEL:g}]",
     )
     _check(
         config,

@@ -28,6 +28,12 @@ RESUME_SAFE_KEYS = frozenset({
     "data.eval_split", "data.cache", "data.prefetch", "data.num_threads", "data.manual_dir", "data.bad_images",
 })  # fmt: skip
 
+# The valid values of the fields that name a choice, for validation and for the code that
+# implements them (the data package imports these; they import nothing of the package).
+PREPROCESSINGS = ("auto", "simple", "inception")  # data.preprocessing (data/transforms.py)
+BAD_IMAGE_POLICIES = ("skip", "error")  # data.bad_images (data/bad_files.py)
+RANDAUGMENT_MAX_LEVEL = 10.0  # top of data.randaugment_magnitude's [0, 10] scale (data/randaugment.py)
+
 
 def get_default_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()

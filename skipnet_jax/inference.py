@@ -22,11 +22,12 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from skipnet_jax import checkpointing, convert, optim, steps
+from skipnet_jax import checkpointing, convert, model_data, optim, steps
 from skipnet_jax.config_validation import ConfigError, check_num_classes
 from skipnet_jax.data import pipeline
 from skipnet_jax.default_config import RETIRED_KEYS, get_default_config
 from skipnet_jax.engine import EvalEngine, build_engine, build_eval_engine
+from skipnet_jax.model_data import check_dataset_classes, dataset_class_names
 from skipnet_jax.reporting import CONFIG_FILE
 
 __all__ = [
@@ -151,8 +152,6 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
 
 def _converted_config(workdir: str) -> ml_collections.ConfigDict:
     """The defaults with what model.json records about the weights (`convert.save_variables`)."""
-    from skipnet_jax import predict
-
     meta = read_meta(workdir)
     path = os.path.join(workdir, convert.META_FILE)
     config = get_default_config()
@@ -162,8 +161,8 @@ def _converted_config(workdir: str) -> ml_collections.ConfigDict:
         if not isinstance(meta[convert.DATASET_KEY], str) or not meta[convert.DATASET_KEY]:
             raise ConfigError(f"{path}: {convert.DATASET_KEY}={meta[convert.DATASET_KEY]!r} must be a dataset name")
         config.dataset = meta[convert.DATASET_KEY]
-    if predict.PREPROCESSING_KEY in meta:
-        predict.apply_preprocessing_record(config, meta[predict.PREPROCESSING_KEY], path)
+    if model_data.PREPROCESSING_KEY in meta:
+        model_data.apply_preprocessing_record(config, meta[model_data.PREPROCESSING_KEY], path)
     return config
 
 
@@ -177,40 +176,6 @@ def read_meta(directory: str) -> dict:
     if not isinstance(meta, dict) or not {"model", "num_classes"} <= set(meta):
         raise ConfigError(f"{path} must hold 'model' and 'num_classes'")
     return meta
-
-
-def dataset_class_names(config: ml_collections.ConfigDict) -> tuple[str, ...] | None:
-    """Class names of ``config.dataset`` without its data: an image folder's class
-    directories, or TFDS's metadata (nothing is downloaded or prepared; ImageNet's WordNet
-    IDs need no data).  None when not even their count is known."""
-    from skipnet_jax.data import folder
-
-    try:
-        if folder.looks_like_path(config.dataset):
-            return tuple(pipeline.get_dataset_info(config).class_names)
-        import tensorflow_datasets as tfds
-
-        return tuple(tfds.builder(config.dataset, data_dir=config.data_dir).info.features["label"].names)
-    except Exception:  # noqa: BLE001 - no names: callers show class indices
-        return None
-
-
-def check_dataset_classes(
-    config: ml_collections.ConfigDict, num_classes: int, what: str, flag: str = "--config.dataset"
-) -> tuple[str, ...] | None:
-    """``config.dataset``'s class names; `ConfigError` when their count is not the model's.
-
-    A model with another class count was trained on another dataset, so its predictions
-    would be labelled (and its images normalised) for the wrong one.  `what` names the
-    model in the message, `flag` the setting that fixes it.  An unknown count is no error.
-    """
-    names = dataset_class_names(config)
-    if names is not None and len(names) != num_classes:
-        raise ConfigError(
-            f"{what} has {num_classes} classes but {flag.lstrip('-')}={config.dataset!r} has {len(names)}; "
-            f"pass {flag}=<the dataset it was trained on>"
-        )
-    return names
 
 
 def load_model(workdir: str, config: ml_collections.ConfigDict | None = None) -> LoadedModel:

@@ -21,7 +21,7 @@ name and shape against the Flax model, and writes ``DIR``:
 ``dataset`` and ``preprocessing`` say what input the weights expect, so that ``predict``,
 ``evaluate`` and ``export`` prepare images the same way without being told: the dataset
 they were trained on (``--dataset``; its class count must be the checkpoint's) and its
-eval preprocessing at ``--image_size`` (`predict.preprocessing_record`).  The defaults
+eval preprocessing at ``--image_size`` (`model_data.preprocessing_record`).  The defaults
 are the release's: SkipNet-M trained on ImageNet at 224 px, so ``{"mode": "inception",
 "image_size": 224, "resize_shorter_side": 256, "crop": "center", "mean": [0.485, 0.456,
 0.406], "std": [0.229, 0.224, 0.225]}`` (the ImageNet eval pipeline's own values).

@@ -54,10 +54,11 @@ import tensorflow as tf
 
 from skipnet_jax import config_validation
 from skipnet_jax.data import bad_files, datasets, folder, preprocess, sources, streams, tf_setup, transforms
-from skipnet_jax.data.bad_files import BAD_IMAGE_POLICIES, MAX_CONSECUTIVE_BAD_FILES, pop_bad_files
+from skipnet_jax.data.bad_files import MAX_CONSECUTIVE_BAD_FILES, pop_bad_files
 from skipnet_jax.data.datasets import DataNotFoundError
 from skipnet_jax.data.tf_setup import automatic_num_threads
 from skipnet_jax.data.transforms import IMAGENET_MEAN, IMAGENET_STD, PREPROCESSINGS
+from skipnet_jax.default_config import BAD_IMAGE_POLICIES
 
 __all__ = [
     "BAD_IMAGE_POLICIES",

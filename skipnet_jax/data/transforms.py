@@ -34,9 +34,9 @@ import dataclasses
 import tensorflow as tf
 
 from skipnet_jax.data import datasets, inception, preprocess, randaugment
+from skipnet_jax.default_config import PREPROCESSINGS  # "auto" and the modes implemented here
 
-# config.data.preprocessing: "auto" and the modes `eval_image` / `train_image` implement.
-PREPROCESSINGS = ("auto", "simple", "inception")
+__all__ = ["PREPROCESSINGS", "augmentation", "eval_image", "normalization", "resolve_preprocessing", "train_image"]
 # "auto" preprocessing: images at most this many px a side use "simple".
 SMALL_IMAGE_SIDE = 64
 IMAGENET_MEAN, IMAGENET_STD = preprocess.default_normalization("imagenet2012")

@@ -42,7 +42,6 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from skipnet_jax.models import register_model
 from skipnet_jax.models.layers import (
     BN_EPSILON,
     BN_MOMENTUM,
@@ -51,6 +50,7 @@ from skipnet_jax.models.layers import (
     check_images,
     global_avg_pool,
 )
+from skipnet_jax.models.registry import register_model
 from skipnet_jax.models.torch_compat import pair, torch_padding
 
 Array = jax.Array

@@ -21,6 +21,9 @@ from skipnet_jax.plots.confusion import confusion_matrix_figure
 from skipnet_jax.plots.curves import read_scalars, training_curves
 from skipnet_jax.reporting import CONFIG_FILE, EVAL_RESULTS_FILE, TENSORBOARD_SUBDIR, atomic_write
 
+# What ``python -m skipnet_jax.plots --help`` says the command does.
+DESCRIPTION = "Figures of a training run: curves, bias-loss statistics, the loss itself, confusion matrix."
+
 PLOTS_SUBDIR = "plots"
 SNAPSHOTS_FILE = "bias_snapshots.npz"
 
@@ -113,9 +116,7 @@ def save_all(
 def main(argv: Sequence[str] | None = None) -> int:
     import argparse
 
-    from skipnet_jax import plots
-
-    parser = argparse.ArgumentParser(prog="python -m skipnet_jax.plots", description=plots.__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m skipnet_jax.plots", description=DESCRIPTION)
     parser.add_argument("--workdir", required=True, help="training (or evaluation) workdir")
     args = parser.parse_args(argv)
     if not os.path.isdir(args.workdir):
