@@ -9,6 +9,8 @@ Config files are trusted Python: loading one runs it.
 
 import ml_collections
 
+from skipnet_jax import losses
+
 # Keys that a config.json written by an earlier version may hold and that this schema does not
 # define, with what replaces them. Readers of saved configs skip these (with a log line) instead
 # of refusing the file; a --config override or config file that sets one is still an error.
@@ -132,8 +134,8 @@ def get_default_config() -> ml_collections.ConfigDict:
     # and beta in (exp(alpha) - F, 1). alpha = 0 would weight every sample alike: a scaled
     # loss="ce".
     c.bias_loss = ml_collections.ConfigDict()  # used when loss == "bias"
-    c.bias_loss.alpha = 0.3  # the paper's 0.3: how strongly the weight grows with v
-    c.bias_loss.beta = 0.3  # the paper's 0.3: weights run from 0.7 (v = 0) to 1.0499 (v = 1)
+    c.bias_loss.alpha = losses.DEFAULT_ALPHA  # the paper's 0.3: how strongly the weight grows with v
+    c.bias_loss.beta = losses.DEFAULT_BETA  # the paper's 0.3: weights run from 0.7 (v = 0) to 1.0499 (v = 1)
     c.bias_loss.mode = "local"  # "local" (batch min-max) | "global" (release: running minimum)
 
     # --- Loop ------------------------------------------------------------------
