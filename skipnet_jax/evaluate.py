@@ -58,7 +58,7 @@ def evaluate_model(loaded: inference.LoadedModel) -> dict[str, Any]:
     """`train.evaluate` of `loaded` on ``config.data.eval_split``, plus per-class accuracy."""
     if jax.process_count() > 1:
         raise ConfigError("skipnet_jax.evaluate runs in a single process")
-    config = loaded.config
+    config = loaded.data_config  # completed once, when the model was loaded
     try:
         info = pipeline.get_dataset_info(config)
     except ValueError as e:  # unknown dataset, data not prepared
@@ -88,7 +88,7 @@ def evaluate_workdir(workdir: str, config: ml_collections.ConfigDict | None = No
     """What the CLI does: load, evaluate, write ``eval_results.json`` and the confusion-matrix plot."""
     start = time.time()
     loaded = inference.load_model(workdir, config)
-    config = loaded.config
+    config = loaded.data_config
     results = evaluate_model(loaded)
     class_names = list(loaded.class_names) if loaded.class_names else [str(i) for i in range(loaded.num_classes)]
     results |= {

@@ -256,7 +256,7 @@ def export(loaded, fmt: str, output: str, *, batch_size: int = 1, fold: bool = T
     """Writes `loaded`'s inference function as `fmt` to `output`; returns a summary."""
     if fmt not in FORMATS:
         raise ConfigError(f"--format={fmt!r} is not valid; valid choices: {', '.join(FORMATS)}")
-    preprocessing = model_data.preprocessing_record(loaded.config)  # an unknown dataset fails before the slow part
+    preprocessing = model_data.preprocessing_record(loaded.data_config)  # an unknown dataset fails before the slow part
     if batch_size < 1:
         raise ConfigError(f"--batch_size={batch_size} must be >= 1")
     fn = inference_function(loaded, fold=fold)

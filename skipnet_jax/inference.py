@@ -24,7 +24,7 @@ from absl import logging
 
 from skipnet_jax import checkpointing, convert, model_data, optim, steps
 from skipnet_jax.config_validation import ConfigError, check_num_classes
-from skipnet_jax.data import pipeline
+from skipnet_jax.data import datasets, pipeline
 from skipnet_jax.default_config import RETIRED_KEYS, get_default_config
 from skipnet_jax.engine import EvalEngine, build_engine, build_eval_engine
 from skipnet_jax.model_data import check_dataset_classes, dataset_class_names
@@ -60,6 +60,12 @@ class LoadedModel:
     step: int | None
     use_ema: bool
     class_names: tuple[str, ...] | None = None
+    # `config` completed for the data package (`datasets.complete`), once; from `config` if not given.
+    data_config: Any = None
+
+    def __post_init__(self):
+        if self.data_config is None:
+            self.data_config = datasets.complete(self.config)
 
     def eval_state(self) -> steps.TrainState:
         """A `steps.TrainState` holding only what `steps.eval_step` reads (``use_ema=False``)."""
@@ -209,10 +215,11 @@ def _load_converted(workdir: str, config: ml_collections.ConfigDict) -> LoadedMo
     if config.num_classes not in (-1, num_classes):
         raise ConfigError(f"config.num_classes={config.num_classes} but {workdir} holds {num_classes} classes")
     config.num_classes = num_classes
+    data_config = datasets.complete(config)
     what = f"the model in {workdir}"
     if convert.DATASET_KEY not in meta:
         what += f" (its {convert.META_FILE} names no dataset)"
-    class_names = check_dataset_classes(config, num_classes, what)
+    class_names = check_dataset_classes(data_config, num_classes, what)
     variables = {k: jax.tree.map(jnp.asarray, dict(variables.get(k, {}))) for k in ("params", "batch_stats")}
     return LoadedModel(
         model=steps.create_model(config, num_classes),
@@ -224,6 +231,7 @@ def _load_converted(workdir: str, config: ml_collections.ConfigDict) -> LoadedMo
         step=None,
         use_ema=False,
         class_names=class_names,
+        data_config=data_config,
     )
 
 
@@ -235,7 +243,8 @@ def _load_checkpoint(workdir: str, config: ml_collections.ConfigDict) -> LoadedM
             "pass a training workdir or a `skipnet_jax.convert` output directory"
         )
     try:
-        info = pipeline.get_dataset_info(config)
+        data_config = datasets.complete(config)
+        info = pipeline.get_dataset_info(data_config)
     except ValueError as e:
         raise ConfigError(str(e).splitlines()[0]) from None
     num_classes = check_num_classes(config, info.num_classes)
@@ -265,4 +274,5 @@ def _load_checkpoint(workdir: str, config: ml_collections.ConfigDict) -> LoadedM
         step=step,
         use_ema=use_ema,
         class_names=tuple(info.class_names) if len(info.class_names) == num_classes else None,
+        data_config=data_config,
     )

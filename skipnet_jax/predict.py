@@ -144,7 +144,7 @@ def predict(loaded, paths: Sequence[str], top_k: int = 5, batch_size: int = 32) 
     `loaded` is an `inference.LoadedModel`; the model runs in eval mode (batch-norm running
     statistics, no dropout).  ``top`` is sorted by probability, at most `top_k` entries.
     """
-    mode, mean, std = eval_preprocessing(loaded.config)
+    mode, mean, std = eval_preprocessing(loaded.data_config)
     out: list[dict[str, Any]] = []
     images = []
     for path in paths:
@@ -226,7 +226,7 @@ def main(argv: list[str]) -> None:
     where = f"step {loaded.step}" if loaded.step is not None else "converted"
     print(
         f"# {loaded.config.model} ({where}{', EMA' if loaded.use_ema else ''}), {loaded.num_classes} classes, "
-        f"{loaded.config.dataset} eval preprocessing: {describe_preprocessing(preprocessing_record(loaded.config))}"
+        f"{loaded.config.dataset} eval preprocessing: {describe_preprocessing(preprocessing_record(loaded.data_config))}"
     )
     print(format_predictions(predictions))
     if predicted < len(paths):

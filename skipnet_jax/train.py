@@ -195,6 +195,7 @@ class _Run:
     """What `_set_up` hands the loop and `_finish`: a run about to train from `start_step`."""
 
     config: ml_collections.ConfigDict
+    data_config: Any  # `config` completed for the data package, once (`datasets.complete`)
     workdir: str
     info: Any  # pipeline.DatasetInfo
     engine: Engine
@@ -224,7 +225,7 @@ def _train_and_evaluate(
         workdir if run.is_chief else None, run.num_train_steps, config.batch_size, config.log_every_steps
     )
     train_iterator = pipeline.create_train_iterator(
-        config, start_step=run.start_step, process_index=jax.process_index(), process_count=jax.process_count()
+        run.data_config, start_step=run.start_step, process_index=jax.process_index(), process_count=jax.process_count()
     )
     progress = _Progress(run, reporter)
     state = _train(run, progress, state, train_iterator, jitted_train_step, jitted_eval_step)
@@ -236,11 +237,12 @@ def _set_up(
 ) -> tuple[_Run, TrainState] | dict[str, Any]:
     """The run and its state (restored, initialised or from ``init_from``), the workdir locked;
     or, for a run that had already finished, its results."""
-    from skipnet_jax.data import pipeline, preparation  # tf.data only where data is read
+    from skipnet_jax.data import datasets, pipeline, preparation  # tf.data only where data is read
 
     try:  # training is the one tool that prepares its dataset (digits, ImageNet from its tars)
-        preparation.prepare_dataset(config, process_index=jax.process_index(), process_count=jax.process_count())
-        info = pipeline.get_dataset_info(config)
+        data_config = datasets.complete(config)  # the data functions below use it as it is
+        preparation.prepare_dataset(data_config, process_index=jax.process_index(), process_count=jax.process_count())
+        info = pipeline.get_dataset_info(data_config)
     except ValueError as e:  # unknown dataset name, missing files: a config problem
         raise ConfigError(str(e).splitlines()[0]) from e
     num_classes = check_num_classes(config, info.num_classes)
@@ -298,7 +300,7 @@ def _set_up(
         config.model, info.name, num_classes, num_params, info.num_train_examples,
         info.num_eval_examples, num_train_steps, steps_per_epoch, jax.device_count(),
     )  # fmt: skip
-    run = _Run(config, workdir, info, engine, manager, start_step, num_train_steps, num_params, is_chief)
+    run = _Run(config, data_config, workdir, info, engine, manager, start_step, num_train_steps, num_params, is_chief)
     return run, state
 
 
@@ -368,7 +370,7 @@ def _train(run: _Run, progress: _Progress, state, train_iterator, jitted_train_s
     the final state.  Raises `stopping.Preempted` after saving when asked to stop."""
     from skipnet_jax.data import pipeline  # tf.data only where data is read
 
-    config, manager, start_step, num_train_steps = run.config, run.manager, run.start_step, run.num_train_steps
+    config, manager, start_step, num_train_steps = run.data_config, run.manager, run.start_step, run.num_train_steps
     data_sharding = run.engine.data_sharding
     in_flight: collections.deque = collections.deque()
 
@@ -422,7 +424,7 @@ def _train(run: _Run, progress: _Progress, state, train_iterator, jitted_train_s
 def _finish(run: _Run, progress: _Progress, state, jitted_eval_step, wall_start: float) -> dict[str, Any]:
     """The final evaluation, results.json and the plots; returns the results."""
     config, info, reporter = run.config, run.info, progress.reporter
-    eval_metrics, confusion = evaluate(jitted_eval_step, state, config, run.engine.data_sharding)
+    eval_metrics, confusion = evaluate(jitted_eval_step, state, run.data_config, run.engine.data_sharding)
     reporter.write_eval(run.num_train_steps, eval_metrics)
     results = {
         **eval_metrics,

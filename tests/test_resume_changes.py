@@ -218,3 +218,48 @@ def test_other_errors_pass_the_full_disk_guard_unchanged(tmp_path):
             raise RuntimeError("RESOURCE_EXHAUSTED: out of memory on device")  # XLA's OOM is no full disk
     manager.close()
     assert checkpointing.is_out_of_space(OSError(28, "No space left on device"))
+
+
+# --- The data config is completed and validated once per command ---------------------------------
+
+
+@pytest.fixture
+def data_validations(monkeypatch):
+    """Counts `config_validation.validate_data_config` calls (each `datasets.complete` makes one)."""
+    from skipnet_jax import config_validation
+
+    calls = []
+    real = config_validation.validate_data_config
+
+    def counted(config):
+        calls.append(config)
+        return real(config)
+
+    monkeypatch.setattr(config_validation, "validate_data_config", counted)
+    return calls
+
+
+def test_training_completes_its_data_config_once(resumable, data_validations):
+    """What a training run does with its data: prepare, describe, the train and eval streams."""
+    from skipnet_jax.data import pipeline
+
+    workdir, config = resumable
+    run, _ = _set_up(config, workdir)
+    pipeline.create_train_iterator(run.data_config, start_step=run.start_step)
+    pipeline.create_eval_iterator(run.data_config)
+    pipeline.num_eval_batches(run.data_config)
+    assert len(data_validations) == 1
+
+
+def test_evaluate_predict_and_export_complete_the_data_config_once(resumable, data_validations):
+    """Loading the model completes it; the eval stream (evaluate), the eval transform's
+    settings (predict) and the preprocessing record (predict, export) reuse it."""
+    from skipnet_jax import inference, model_data
+    from skipnet_jax.data import pipeline
+
+    workdir, _ = resumable
+    loaded = inference.load_model(workdir)
+    pipeline.create_eval_iterator(loaded.data_config)
+    model_data.eval_preprocessing(loaded.data_config)
+    model_data.preprocessing_record(loaded.data_config)
+    assert len(data_validations) == 1

@@ -36,10 +36,11 @@ Eval: the whole split in order, the last global batch padded with
 
 The process layout is an argument (``process_index``, ``process_count``) of
 every function that depends on it, never looked up here.  Every public
-function reads the config's fields directly; a config that lacks some (built
-by hand, not from the schema) gets them from `default_config.with_defaults`,
-and the ``config.data`` fields are validated by
-`config_validation.validate_data_config`.
+function starts with `datasets.complete`: a config that lacks some fields (built
+by hand, not from the schema) gets them from `default_config.with_defaults`, the
+``config.data`` fields are validated by `config_validation.validate_data_config`,
+and the result is frozen; given such a completed config again (a command passes the
+one it completed on), it is used as it is.
 """
 
 from __future__ import annotations
