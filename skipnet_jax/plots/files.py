@@ -113,12 +113,18 @@ def save_all(
     return written
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    import argparse
+def _define_flags(fv) -> None:
+    from absl import flags
 
-    parser = argparse.ArgumentParser(prog="python -m skipnet_jax.plots", description=DESCRIPTION)
-    parser.add_argument("--workdir", required=True, help="training (or evaluation) workdir")
-    args = parser.parse_args(argv)
+    flags.DEFINE_string("workdir", None, "training (or evaluation) workdir", flag_values=fv)
+    flags.mark_flag_as_required("workdir", flag_values=fv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m skipnet_jax.plots --workdir DIR``: writes every figure the workdir has data for."""
+    from skipnet_jax import cli
+
+    args = cli.parse_command_flags(_define_flags, argv, "python -m skipnet_jax.plots", DESCRIPTION)
     if not os.path.isdir(args.workdir):
         print(f"error: --workdir {args.workdir} is not a directory", file=sys.stderr)
         return 2
