@@ -139,9 +139,13 @@ def _saved_config_changes(workdir: str, config) -> dict[str, tuple[Any, Any]]:
 
 
 def _config_change(workdir: str, config) -> str:
-    """What differs from the config that wrote the workdir's checkpoints, as the lead of the
-    refusal: the fields, not the thousands of tensor shapes, tell the user what to change back."""
-    changed = [f"{key}: {a!r} vs {b!r}" for key, (a, b) in _saved_config_changes(workdir, config).items()]
+    """What differs from the config that wrote the workdir's checkpoints (its config.json),
+    as the lead of the refusal: the fields, not the thousands of tensor shapes, tell the
+    user what to change back."""
+    saved = reporting.read_json(os.path.join(workdir, CONFIG_FILE))
+    if saved is None:
+        return ""
+    changed = config_validation.config_differences(saved, json.loads(config.to_json_best_effort()))
     return f"config differs from the workdir's run ({'; '.join(changed)}): " if changed else ""
 
 
