@@ -18,13 +18,13 @@ Data: TFDS "cifar100" (50,000 train / 10,000 test, 32x32), prepared beforehand w
 ~/tensorflow_datasets). Train augmentation: 4 px zero-pad + random 32 px crop and a
 horizontal flip; normalisation mean (0.507, 0.4865, 0.4409), std (0.2673, 0.2564, 0.2761).
 
-Model: `shufflenet_v2_x0_5` (paper/torchvision units, stages [4, 8, 4], channels
-[24, 48, 96, 192, 1024]; CIFAR stem: 3x3 stride-1 conv BN ReLU, no max-pool; 444,292
-parameters at 100 classes). Bias loss uses conv5's output (4x4x1024), with the release's
-default "global" variance normalisation. Note: the release's own ShuffleNetV2 file uses
-a different unit layout and its factory builds the 1.0x widths (24, 116, 232, 464, 1024)
-although the table says 0.5x. 1.0x widths here: `create_model("shufflenet_v2_x0_5",
-num_classes=100, stages_out_channels=(24, 116, 232, 464, 1024))`.
+Model: `shufflenet_v2_x0_5`, the release's `ShuffleNetV2(ratio=0.5)` layer for layer (stages
+[4, 8, 4], channels [24, 48, 96, 192, 1024]; CIFAR stem: 3x3 stride-1 conv and BN, no ReLU, no
+max-pool; every conv with a bias, as in the release; 448,268 parameters at 100 classes). Bias
+loss uses conv5's output (4x4x1024), with the release's default "global" variance
+normalisation. The release's factory builds its 1.0x widths (24, 116, 232, 464, 1024,
+1,360,896 parameters) although its table says 0.5x; those widths here:
+`create_model("shufflenet_v2_x0_5", num_classes=100, stages_out_channels=(24, 116, 232, 464, 1024))`.
 
 Recipe: the release's, defined once in `skipnet_jax.recipes.cifar100_config` (its module
 docstring gives every value: SGD, lr 0.1 at batch 128, 160 epochs of 390 steps, the lr drops,

@@ -10,7 +10,7 @@ difference between the bias loss and cross-entropy. Here the model sees only
 split. It is a TFDS split slice, so no new config field or dataset is involved.
 
 Hardware: any CPU (measured on a 2-core machine, 2026-12-01). Expected: eval top-1
-0.93 ± 0.02 over seeds 0-4 with either loss (README, Results, has the comparison); per run
+0.93 ± 0.02 over seeds 0-4 with either loss (docs/digits_hard.md has the comparison); per run
 about 1 minute of training plus the compile of its train step (each seed compiles anew),
 2.5-6 minutes in all on a 2-core machine shared with other work. `python -m skipnet_jax.main
 --config configs/digits_hard.py --workdir DIR` trains one run (bias loss; `--config.loss=ce`

@@ -108,52 +108,61 @@ class CheckError(Exception):
     """A bad request or a missing package (one ``error:`` line, exit code 2)."""
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = cli.OneLineArgumentParser(
-        prog="python -m skipnet_jax.accelerator_check",
-        description="Tests, a digits training run and a JAX-vs-PyTorch benchmark in one run (see the module doc).",
-    )
-    p.add_argument("--out", default=None, help="also write the results as one JSON object to this file")
-    p.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {','.join(PARTS)}")
-    p.add_argument("--tiny", action="store_true", help="CPU-sized defaults: the whole run in well under a minute")
-    p.add_argument("--seed", type=int, default=0)
-    g = p.add_argument_group("tests")
-    g.add_argument("--tests", default=None, help="comma-separated pytest paths / node ids (default: GPU_TESTS)")
-    g.add_argument("--test_workers", type=int, default=None, help="pytest-xdist workers (0: one process)")
-    g.add_argument("--tests_timeout", type=float, default=None, help="seconds before pytest is stopped")
-    g.add_argument(
-        "--test_precision",
-        choices=("highest", "default"),
-        default="highest",
-        help="JAX_DEFAULT_MATMUL_PRECISION for the tests (highest: true float32, not TF32)",
-    )
-    g = p.add_argument_group("digits")
-    g.add_argument("--digits_config", default=os.path.join(REPO_ROOT, "configs", "digits.py"))
-    g.add_argument("--digits_dtype", choices=("float32", "bfloat16"), default="bfloat16")
-    g.add_argument("--digits_model", default=None, help="default: the config's model")
-    g.add_argument("--digits_steps", type=int, default=None, help="default: the config's epochs")
-    g.add_argument("--digits_threshold", type=float, default=None, help="minimum eval top-1 (fraction)")
-    g = p.add_argument_group("bench")
-    g.add_argument("--bench_model", default=None)
-    g.add_argument("--bench_batch", type=int, default=None)
-    g.add_argument("--bench_image_size", type=int, default=None)
-    g.add_argument("--bench_dtype", choices=("float32", "bfloat16"), default="bfloat16")
-    g.add_argument("--bench_loss", choices=("bias", "ce"), default="bias")
-    g.add_argument("--bench_modes", default="train,eval", help="comma-separated subset of train,eval")
-    g.add_argument("--bench_steps", type=int, default=None, help="timed steps per round")
-    g.add_argument("--bench_warmup", type=int, default=None, help="untimed steps per side first")
-    g.add_argument("--bench_rounds", type=int, default=None, help="timed rounds per side (alternating)")
-    g.add_argument("--torch_device", default="auto", help="auto (cuda where PyTorch sees a GPU), cuda or cpu")
-    g.add_argument(
-        "--torch_compile",
-        choices=("auto", "on", "off"),
-        default="auto",
-        help="also time a torch.compile'd PyTorch side (auto: only when PyTorch runs on a GPU)",
-    )
-    g.add_argument("--torch_compile_mode", default=None, help="torch.compile mode (default: torch's default)")
-    g.add_argument("--channels_last", action=argparse.BooleanOptionalAction, default=True)
-    g.add_argument("--peak_tflops", type=float, default=None, help="bf16 peak TFLOP/s per chip (default: table)")
-    return p
+PROG = "python -m skipnet_jax.accelerator_check"
+DESCRIPTION = "Tests, a digits training run and a JAX-vs-PyTorch benchmark in one run (see the module doc)."
+
+
+def _define_flags(fv) -> None:
+    from absl import flags
+
+    def string(name, default, help_text):
+        flags.DEFINE_string(name, default, help_text, flag_values=fv)
+
+    def integer(name, default, help_text):
+        flags.DEFINE_integer(name, default, help_text, flag_values=fv)
+
+    def number(name, default, help_text):
+        flags.DEFINE_float(name, default, help_text, flag_values=fv)
+
+    def choice(name, default, values, help_text):
+        flags.DEFINE_enum(name, default, values, help_text, flag_values=fv)
+
+    string("out", None, "also write the results as one JSON object to this file")
+    string("parts", ",".join(PARTS), f"comma-separated subset of {','.join(PARTS)}")
+    flags.DEFINE_bool("tiny", False, "CPU-sized defaults: the whole run in well under a minute", flag_values=fv)
+    integer("seed", 0, "random seed of the digits run and the benchmark")
+    # tests
+    string("tests", None, "comma-separated pytest paths / node ids (default: GPU_TESTS)")
+    integer("test_workers", None, "pytest-xdist workers (0: one process)")
+    number("tests_timeout", None, "seconds before pytest is stopped")
+    choice(
+        "test_precision", "highest", ("highest", "default"),
+        "JAX_DEFAULT_MATMUL_PRECISION for the tests (highest: true float32, not TF32)",
+    )  # fmt: skip
+    # digits
+    string("digits_config", os.path.join(REPO_ROOT, "configs", "digits.py"), "config of the digits run")
+    choice("digits_dtype", "bfloat16", ("float32", "bfloat16"), "compute dtype of the digits run")
+    string("digits_model", None, "default: the config's model")
+    integer("digits_steps", None, "default: the config's epochs")
+    number("digits_threshold", None, "minimum eval top-1 (fraction)")
+    # bench
+    string("bench_model", None, "model of the benchmark")
+    integer("bench_batch", None, "batch size of the benchmark")
+    integer("bench_image_size", None, "image side of the benchmark")
+    choice("bench_dtype", "bfloat16", ("float32", "bfloat16"), "compute dtype of the benchmark")
+    choice("bench_loss", "bias", ("bias", "ce"), "training loss of the benchmark")
+    string("bench_modes", "train,eval", "comma-separated subset of train,eval")
+    integer("bench_steps", None, "timed steps per round")
+    integer("bench_warmup", None, "untimed steps per side first")
+    integer("bench_rounds", None, "timed rounds per side (alternating)")
+    string("torch_device", "auto", "auto (cuda where PyTorch sees a GPU), cuda or cpu")
+    choice(
+        "torch_compile", "auto", ("auto", "on", "off"),
+        "also time a torch.compile'd PyTorch side (auto: only when PyTorch runs on a GPU)",
+    )  # fmt: skip
+    string("torch_compile_mode", None, "torch.compile mode (default: torch's default)")
+    flags.DEFINE_bool("channels_last", True, "PyTorch side in channels_last (--nochannels_last: NCHW)", flag_values=fv)
+    number("peak_tflops", None, "bf16 peak TFLOP/s per chip (default: table)")
 
 
 # --------------------------------------------------------------------------- arguments
@@ -319,7 +328,7 @@ def fast_cpu_compile() -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = _parser().parse_args(argv)
+    args = cli.parse_command_flags(_define_flags, argv, PROG, DESCRIPTION)
     if args.tiny:
         fast_cpu_compile()
     try:

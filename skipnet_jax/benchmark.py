@@ -80,46 +80,45 @@ from skipnet_jax.tools.torch_timing import TORCH_VARIANTS, torch_device, torch_s
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = cli.OneLineArgumentParser(
-        prog="python -m skipnet_jax.benchmark",
-        description="Throughput of the compiled train/eval step (see the module docstring).",
+PROG = "python -m skipnet_jax.benchmark"
+DESCRIPTION = "Throughput of the compiled train/eval step (see the module docstring)."
+
+
+def _define_flags(fv) -> None:
+    from absl import flags
+
+    flags.DEFINE_string("model", "skipnet_m", "registered model name", flag_values=fv)
+    flags.DEFINE_integer("batch_size", 32, "batch size", flag_values=fv)
+    flags.DEFINE_integer("image_size", 224, "image side in pixels", flag_values=fv)
+    flags.DEFINE_enum("mode", "train", ("train", "eval"), "which step to time", flag_values=fv)
+    flags.DEFINE_enum("dtype", "float32", ("float32", "bfloat16"), "compute dtype", flag_values=fv)
+    flags.DEFINE_enum("loss", "bias", ("bias", "ce"), "training loss", flag_values=fv)
+    flags.DEFINE_integer("steps", 10, "timed steps per round", flag_values=fv)
+    flags.DEFINE_integer("warmup", 3, "untimed steps per side before the rounds", flag_values=fv)
+    flags.DEFINE_integer("rounds", 5, "timed rounds per side (alternating)", flag_values=fv)
+    flags.DEFINE_bool("json", False, "print one JSON object", flag_values=fv)
+    flags.DEFINE_enum("compare", None, ("torch",), "also time the PyTorch reference", flag_values=fv)
+    flags.DEFINE_bool("compare_loss", False, "train: bias loss vs cross-entropy overhead", flag_values=fv)
+    flags.DEFINE_integer(
+        "torch_threads", 0, "torch.set_num_threads for --compare torch (0: torch's default)", flag_values=fv
     )
-    p.add_argument("--model", default="skipnet_m", help="registered model name")
-    p.add_argument("--batch_size", type=int, default=32)
-    p.add_argument("--image_size", type=int, default=224)
-    p.add_argument("--mode", choices=("train", "eval"), default="train")
-    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
-    p.add_argument("--loss", choices=("bias", "ce"), default="bias")
-    p.add_argument("--steps", type=int, default=10, help="timed steps per round")
-    p.add_argument("--warmup", type=int, default=3, help="untimed steps per side before the rounds")
-    p.add_argument("--rounds", type=int, default=5, help="timed rounds per side (alternating)")
-    p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.add_argument("--compare", choices=("torch",), default=None, help="also time the PyTorch reference")
-    p.add_argument("--compare_loss", action="store_true", help="train: bias loss vs cross-entropy overhead")
-    p.add_argument(
-        "--torch_threads", type=int, default=0, help="torch.set_num_threads for --compare torch (0: torch's default)"
+    flags.DEFINE_string(
+        "torch_device", "cpu", "device of the PyTorch side: cpu, cuda, or auto (cuda where PyTorch sees a GPU)",
+        flag_values=fv,
+    )  # fmt: skip
+    flags.DEFINE_bool(
+        "torch_channels_last", False, "PyTorch side: weights and input in channels_last (NHWC)", flag_values=fv
     )
-    p.add_argument(
-        "--torch_device",
-        default="cpu",
-        help="device of the PyTorch side: cpu, cuda, or auto (cuda where PyTorch sees a GPU)",
+    flags.DEFINE_bool(
+        "torch_compile", False, "PyTorch side: torch.compile forward (+ loss); compile timed apart", flag_values=fv
     )
-    p.add_argument(
-        "--torch_channels_last", action="store_true", help="PyTorch side: weights and input in channels_last (NHWC)"
-    )
-    p.add_argument(
-        "--torch_compile", action="store_true", help="PyTorch side: torch.compile forward (+ loss); compile timed apart"
-    )
-    p.add_argument(
-        "--malloc",
-        choices=("system", "tuned"),
-        default="system",
-        help="tuned: glibc mallopt (one arena, no mmap, no trimming) before anything starts, so freed "
+    flags.DEFINE_enum(
+        "malloc", "system", ("system", "tuned"),
+        "tuned: glibc mallopt (one arena, no mmap, no trimming) before anything starts, so freed "
         "activation buffers are reused instead of page-faulted in again every step (both sides)",
-    )
-    p.add_argument("--seed", type=int, default=0)
-    return p
+        flag_values=fv,
+    )  # fmt: skip
+    flags.DEFINE_integer("seed", 0, "random seed", flag_values=fv)
 
 
 # --------------------------------------------------------------------------- main
@@ -286,7 +285,7 @@ def format_result(r: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = _parser().parse_args(argv)
+    args = cli.parse_command_flags(_define_flags, argv, PROG, DESCRIPTION)
     if args.malloc == "tuned" and not tune_malloc():
         cli.fail("--malloc tuned needs glibc (Linux)")
     try:

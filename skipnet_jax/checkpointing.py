@@ -23,6 +23,10 @@ Why a run is never lost:
   the worst outcome any of them had, together (no process waits in a barrier
   the others skipped).
 - One training run at a time per workdir (`workdir_lock`).
+- A full disk during a save (`out_of_space_stops`) stops the run with one line naming the
+  checkpoint that could not be written and the intact earlier ones; the partial
+  ``<step>.orbax-checkpoint-tmp`` directory is removed and orbax's own error logs of the
+  failure are dropped.
 
 The state is saved as a plain nested dict of arrays (flax's state-dict form) so
 checkpoints do not depend on Python class identities. The data position is not
@@ -37,8 +41,10 @@ import enum
 import errno
 import fcntl
 import json
+import logging as logging_lib
 import os
 import re
+import shutil
 import socket
 import time
 from collections.abc import Iterator
@@ -114,6 +120,12 @@ class WorkdirLockedError(ConfigError):
     """Another training run holds the workdir's lock."""
 
 
+class CheckpointWriteError(ConfigError):
+    """A checkpoint could not be written because the disk is full; the earlier ones are intact.
+
+    A ConfigError so that every command line reports it as one ``error:`` line."""
+
+
 def checkpoint_dir(workdir: str) -> str:
     return os.path.join(os.path.abspath(workdir), CHECKPOINTS_SUBDIR)
 
@@ -128,6 +140,79 @@ def create_manager(workdir: str, *, keep: int) -> ocp.CheckpointManager:
 def save(manager: ocp.CheckpointManager, step: int, state: Any) -> None:
     """Starts an (asynchronous) save; orbax writes to a temporary dir and renames it when complete."""
     manager.save(step, args=ocp.args.StandardSave(flax.serialization.to_state_dict(state)), force=True)
+
+
+# --- A full disk during a save ------------------------------------------------------------------
+
+# The suffix of the directory orbax writes a checkpoint into before renaming it to <step>.
+TMP_SUFFIX = ".orbax-checkpoint-tmp"
+_OUT_OF_SPACE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+_OUT_OF_SPACE_MESSAGES = tuple(os.strerror(code) for code in sorted(_OUT_OF_SPACE_ERRNOS))
+
+
+def _mentions_out_of_space(text: str) -> bool:
+    return text.startswith("RESOURCE_EXHAUSTED: ") or any(message in text for message in _OUT_OF_SPACE_MESSAGES)
+
+
+def is_out_of_space(error: BaseException) -> bool:
+    """Whether a write failed because the disk (or the user's quota) is full: an OSError with
+    ENOSPC/EDQUOT, TensorStore's RESOURCE_EXHAUSTED, or a "No space left on device" message."""
+    for e in _chain(error):
+        if isinstance(e, OSError) and e.errno in _OUT_OF_SPACE_ERRNOS:
+            return True
+        if _tensorstore_status(e) == "RESOURCE_EXHAUSTED" or any(m in str(e) for m in _OUT_OF_SPACE_MESSAGES):
+            return True
+    return False
+
+
+class _DropOutOfSpaceLogs(logging_lib.Filter):
+    """Drops the error records (each with a traceback) that orbax's save threads log for an
+    out-of-space failure; `out_of_space_stops` reports it once instead."""
+
+    def filter(self, record: logging_lib.LogRecord) -> bool:
+        if record.levelno < logging_lib.ERROR or f"{os.sep}orbax{os.sep}" not in record.pathname:
+            return True
+        error = record.exc_info[1] if record.exc_info else None
+        return not ((error is not None and is_out_of_space(error)) or _mentions_out_of_space(record.getMessage()))
+
+
+def _out_of_space_error(manager: ocp.CheckpointManager, error: BaseException) -> CheckpointWriteError:
+    """Removes the partial checkpoint directories orbax left behind and says what was lost and kept."""
+    directory = str(manager.directory)
+    names = os.listdir(directory) if os.path.isdir(directory) else []
+    partial = sorted(name for name in names if TMP_SUFFIX in name)
+    if jax.process_index() == 0:
+        for name in partial:
+            shutil.rmtree(os.path.join(directory, name), ignore_errors=True)
+    failed = [name.split(".")[0] for name in partial]
+    intact = sorted((int(name) for name in names if name.isdigit()), reverse=True)
+    what = f"checkpoint {os.path.join(directory, failed[-1])}" if failed else f"a file of the run in {directory}"
+    free = shutil.disk_usage(directory).free if os.path.isdir(directory) else 0
+    kept = (
+        f"the earlier checkpoints ({', '.join(str(s) for s in intact)}) are intact; free space ({free / 2**20:.0f} MiB "
+        f"free now) and rerun the same command to resume from step {intact[0]}"
+        if intact
+        else f"no earlier checkpoint was saved; free space ({free / 2**20:.0f} MiB free now) and rerun"
+    )
+    return CheckpointWriteError(f"{what} could not be written: no space left on device ({_describe(error)}); {kept}")
+
+
+@contextlib.contextmanager
+def out_of_space_stops(manager: ocp.CheckpointManager) -> Iterator[None]:
+    """Within it, a save (or any write) that fails for lack of disk space raises one
+    `CheckpointWriteError` naming the checkpoint (`_out_of_space_error`), whichever call
+    of the manager meets orbax's asynchronous failure; orbax's own logs of it are dropped."""
+    quiet = _DropOutOfSpaceLogs()
+    absl_logger = logging_lib.getLogger("absl")
+    absl_logger.addFilter(quiet)
+    try:
+        yield
+    except Exception as e:
+        if not is_out_of_space(e):
+            raise
+        raise _out_of_space_error(manager, e) from None
+    finally:
+        absl_logger.removeFilter(quiet)
 
 
 # --- What a failed read means -------------------------------------------------------------------

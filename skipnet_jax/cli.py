@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
 
@@ -22,10 +23,47 @@ def fail(message: Any) -> NoReturn:
 
 
 class OneLineArgumentParser(argparse.ArgumentParser):
-    """argparse whose errors are one line (argparse prints the whole usage first)."""
+    """argparse whose errors are one line (argparse prints the whole usage first).  Only for
+    `install_missing`, which runs before the package's dependencies (absl among them) are
+    installed; every other command parses absl flags."""
 
     def error(self, message: str) -> NoReturn:
         fail(message)
+
+
+# Arguments that ask a command for its flags instead of running it.
+HELP_ARGUMENTS = ("-h", "--help", "--helpshort", "--helpfull", "-help")
+
+
+def parse_command_flags(
+    define: Callable[[Any], None], argv: Sequence[str] | None, prog: str, description: str
+) -> argparse.Namespace:
+    """The absl flags of a command that defines them itself, parsed from `argv` (without the
+    program name; None: ``sys.argv[1:]``).
+
+    `define(flag_values)` defines the flags on a `FlagValues` of the command's own (not
+    absl's global ``FLAGS``), so that the command can run in a process where other
+    commands' flags are defined too.  ``--help`` prints `prog`, `description` and every flag
+    with its help and default, then exits 0; a bad flag or a stray argument is one
+    ``error: ...`` line and exit status 2.  Returns the flag values as attributes.
+    """
+    from absl import flags
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    flag_values = flags.FlagValues()
+    define(flag_values)
+    if any(arg in HELP_ARGUMENTS for arg in args):
+        print(
+            f"usage: {prog} [--FLAG=VALUE ...]\n\n{description}\n\nflags:\n{flag_values.get_help(include_special_flags=False)}"
+        )
+        sys.exit(0)
+    try:
+        rest = flag_values([prog, *args])[1:]
+    except flags.Error as e:
+        fail(first_line(e))
+    if rest:
+        fail(f"unexpected arguments {rest}; {prog} takes only --FLAG=VALUE flags (--help lists them)")
+    return argparse.Namespace(**flag_values.flag_values_dict())
 
 
 def parse_absl_flags(argv: list[str]) -> list[str]:

@@ -222,12 +222,8 @@ def _check_bias_loss(config: ml_collections.ConfigDict) -> None:
 def validate_data_config(config: ml_collections.ConfigDict) -> None:
     """Raises ConfigError for the first invalid ``config.data`` field (the input pipeline runs
     this too, for callers that skip `validate_config`)."""
-    # Imported here: the pipeline imports this module, and it needs TensorFlow, which the model
-    # and training code (and so this module) must not.
-    from skipnet_jax.data import pipeline, randaugment
-
-    _choice(config, "data.preprocessing", pipeline.PREPROCESSINGS)
-    _choice(config, "data.bad_images", pipeline.BAD_IMAGE_POLICIES)
+    _choice(config, "data.preprocessing", default_config.PREPROCESSINGS)
+    _choice(config, "data.bad_images", default_config.BAD_IMAGE_POLICIES)
     _check(
         config,
         "data.randaugment_num_layers",
@@ -237,8 +233,8 @@ def validate_data_config(config: ml_collections.ConfigDict) -> None:
     _check(
         config,
         "data.randaugment_magnitude",
-        lambda v: _is_number(v) and 0 <= v <= randaugment.MAX_LEVEL,
-        f"a number in [0, {randaugment.MAX_LEVEL:g}]",
+        lambda v: _is_number(v) and 0 <= v <= default_config.RANDAUGMENT_MAX_LEVEL,
+        f"a number in [0, {default_config.RANDAUGMENT_MAX_LEVEL:g}]",
     )
     _check(
         config,
@@ -273,6 +269,17 @@ def check_num_classes(config: ml_collections.ConfigDict, dataset_num_classes: in
     return config.num_classes
 
 
+def check_batch_fits(config, num_train_examples: int, dataset_name: str) -> None:
+    """Refuses a global ``batch_size`` larger than the train split: one batch would hold every
+    example more than once (and the out-of-memory error it meets says nothing of why)."""
+    if config.batch_size > num_train_examples:
+        raise ConfigError(
+            f"config.batch_size={config.batch_size} is larger than the train split "
+            f"({dataset_name} '{config.data.train_split}': {num_train_examples} examples); "
+            f"set --config.batch_size to at most {num_train_examples}"
+        )
+
+
 def check_workdir_writable(workdir: str) -> None:
     """Fails early, and without creating or changing any file, if workdir cannot be used."""
     if re.match(r"[A-Za-z][A-Za-z0-9+.-]*://", workdir):
@@ -296,10 +303,16 @@ def check_workdir_writable(workdir: str) -> None:
 
 def config_differences(saved: dict, wanted: dict) -> list[str]:
     """Every key whose value differs between two config dicts (as read from config.json),
-    as ``key: saved vs wanted``, in key order.  A schema field missing from either side counts
-    as its schema default (a config.json written before the field existed), and
-    `default_config.RETIRED_KEYS` are not compared."""
-    return _differences(_with_schema_defaults(saved), _with_schema_defaults(wanted), "")
+    as ``key: saved vs wanted``, in key order (`config_changes`)."""
+    return [f"{key}: {a!r} vs {b!r}" for key, (a, b) in config_changes(saved, wanted).items()]
+
+
+def config_changes(saved: dict, wanted: dict) -> dict[str, tuple[Any, Any]]:
+    """``{dotted key: (saved value, wanted value)}`` for every key whose value differs between
+    two config dicts (as read from config.json), in key order.  A schema field missing from
+    either side counts as its schema default (a config.json written before the field existed),
+    and `default_config.RETIRED_KEYS` are not compared."""
+    return dict(_differences(_with_schema_defaults(saved), _with_schema_defaults(wanted), ""))
 
 
 def _with_schema_defaults(values: dict) -> dict:
@@ -307,7 +320,7 @@ def _with_schema_defaults(values: dict) -> dict:
     return json.loads(filled.to_json_best_effort())  # tuples as lists, as in config.json
 
 
-def _differences(saved: dict, wanted: dict, prefix: str) -> list[str]:
+def _differences(saved: dict, wanted: dict, prefix: str) -> list[tuple[str, tuple[Any, Any]]]:
     found = []
     for key in sorted(set(saved) | set(wanted)):
         if f"{prefix}{key}" in default_config.RETIRED_KEYS:
@@ -316,5 +329,5 @@ def _differences(saved: dict, wanted: dict, prefix: str) -> list[str]:
         if isinstance(a, dict) and isinstance(b, dict):
             found += _differences(a, b, f"{prefix}{key}.")
         elif a != b:
-            found.append(f"{prefix}{key}: {a!r} vs {b!r}")
+            found.append((f"{prefix}{key}", (a, b)))
     return found

@@ -9,6 +9,8 @@ Config files are trusted Python: loading one runs it.
 
 import ml_collections
 
+from skipnet_jax import losses
+
 # Keys that a config.json written by an earlier version may hold and that this schema does not
 # define, with what replaces them. Readers of saved configs skip these (with a log line) instead
 # of refusing the file; a --config override or config file that sets one is still an error.
@@ -16,6 +18,23 @@ RETIRED_KEYS = {
     "data.shuffle_buffer": "the input pipeline reads examples by index in a per-epoch permutation "
     "(a perfect shuffle), so there is no shuffle buffer",
 }
+
+# Fields that do not change what a training step computes (logging, evaluation, checkpoint
+# cadence, where files are, input-pipeline performance, safety stops): a resumed run may change
+# them freely. Changing any other field on resume changes the optimisation of the steps still to
+# run, so training refuses it unless told to allow it (`python -m skipnet_jax.main
+# --allow_changed_config`), and then records it in WORKDIR/config_changes.json.
+RESUME_SAFE_KEYS = frozenset({
+    "log_every_steps", "eval_every_steps", "checkpoint_every_steps", "keep_checkpoints", "eval_batch_size",
+    "data_dir", "init_from", "skip_nonfinite_steps", "max_abs_weight",
+    "data.eval_split", "data.cache", "data.prefetch", "data.num_threads", "data.manual_dir", "data.bad_images",
+})  # fmt: skip
+
+# The valid values of the fields that name a choice, for validation and for the code that
+# implements them (the data package imports these; they import nothing of the package).
+PREPROCESSINGS = ("auto", "simple", "inception")  # data.preprocessing (data/transforms.py)
+BAD_IMAGE_POLICIES = ("skip", "error")  # data.bad_images (data/bad_files.py)
+RANDAUGMENT_MAX_LEVEL = 10.0  # top of data.randaugment_magnitude's [0, 10] scale (data/randaugment.py)
 
 
 def get_default_config() -> ml_collections.ConfigDict:
@@ -63,8 +82,8 @@ def get_default_config() -> ml_collections.ConfigDict:
     # to prepare it on first use; None = TFDS's default <data_dir>/downloads/manual
     c.data.manual_dir = ml_collections.config_dict.placeholder(str)
     # "auto" | "inception" | "simple". inception: train = random-resized crop (decoded from the
-    # JPEG) + flip, eval = shorter side to ceil(image_size/0.875) + centre crop. simple: resize
-    # to a square + pad-and-crop shift (+ flip). auto = inception for image folders, imagenet2012
+    # JPEG) + flip, eval = shorter side to ceil(image_size/0.875) + centre crop. simple: the
+    # central square resized to image_size + pad-and-crop shift (+ flip). auto = inception for image folders, imagenet2012
     # and datasets with variable-size or > 64 px images, else simple
     c.data.preprocessing = "auto"
     c.data.randaugment_num_layers = 0  # RandAugment ops per train image; 0 disables it
@@ -115,8 +134,8 @@ def get_default_config() -> ml_collections.ConfigDict:
     # and beta in (exp(alpha) - F, 1). alpha = 0 would weight every sample alike: a scaled
     # loss="ce".
     c.bias_loss = ml_collections.ConfigDict()  # used when loss == "bias"
-    c.bias_loss.alpha = 0.3  # the paper's 0.3: how strongly the weight grows with v
-    c.bias_loss.beta = 0.3  # the paper's 0.3: weights run from 0.7 (v = 0) to 1.0499 (v = 1)
+    c.bias_loss.alpha = losses.DEFAULT_ALPHA  # the paper's 0.3: how strongly the weight grows with v
+    c.bias_loss.beta = losses.DEFAULT_BETA  # the paper's 0.3: weights run from 0.7 (v = 0) to 1.0499 (v = 1)
     c.bias_loss.mode = "local"  # "local" (batch min-max) | "global" (release: running minimum)
 
     # --- Loop ------------------------------------------------------------------

@@ -12,7 +12,7 @@ Command line::
   (``ema_decay > 0``), exactly as the training loop's evaluation does; or
 * a directory written by ``python -m skipnet_jax.convert`` (``DIR/model.json``): the
   model, class count, dataset and eval preprocessing (image size, resize/crop mode,
-  mean/std: `predict.preprocessing_record`) come from ``model.json``, everything else
+  mean/std: `model_data.preprocessing_record`) come from ``model.json``, everything else
   (data_dir, batch size) from `default_config`; ``--config FILE`` replaces all but the
   model and class count.  A ``model.json`` without ``dataset`` / ``preprocessing`` (as
   earlier versions wrote) takes them from the config too: ``--config.dataset``, default
@@ -46,7 +46,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from skipnet_jax import cli, inference, plots, reporting, train, workdir_flags
+from skipnet_jax import cli, inference, model_data, plots, reporting, train, workdir_flags
 from skipnet_jax.config_validation import ConfigError
 from skipnet_jax.data import pipeline
 from skipnet_jax.reporting import EVAL_RESULTS_FILE
@@ -58,7 +58,7 @@ def evaluate_model(loaded: inference.LoadedModel) -> dict[str, Any]:
     """`train.evaluate` of `loaded` on ``config.data.eval_split``, plus per-class accuracy."""
     if jax.process_count() > 1:
         raise ConfigError("skipnet_jax.evaluate runs in a single process")
-    config = loaded.config
+    config = loaded.data_config  # completed once, when the model was loaded
     try:
         info = pipeline.get_dataset_info(config)
     except ValueError as e:  # unknown dataset, data not prepared
@@ -86,11 +86,9 @@ def evaluate_model(loaded: inference.LoadedModel) -> dict[str, Any]:
 
 def evaluate_workdir(workdir: str, config: ml_collections.ConfigDict | None = None) -> dict[str, Any]:
     """What the CLI does: load, evaluate, write ``eval_results.json`` and the confusion-matrix plot."""
-    from skipnet_jax import predict
-
     start = time.time()
     loaded = inference.load_model(workdir, config)
-    config = loaded.config
+    config = loaded.data_config
     results = evaluate_model(loaded)
     class_names = list(loaded.class_names) if loaded.class_names else [str(i) for i in range(loaded.num_classes)]
     results |= {
@@ -99,7 +97,7 @@ def evaluate_workdir(workdir: str, config: ml_collections.ConfigDict | None = No
         "dataset": config.dataset,
         "eval_split": config.data.eval_split,
         "image_size": config.image_size,
-        "preprocessing": predict.preprocessing_record(config),
+        "preprocessing": model_data.preprocessing_record(config),
         "weights": loaded.kind,
         "source": loaded.source,
         "step": loaded.step,

@@ -13,7 +13,7 @@ running statistics, no dropout):
     input  "images": float32 [batch_size, image_size, image_size, 3], NHWC, preprocessed
                      exactly as for evaluation (`predict.preprocess_image`: resize/crop and
                      the dataset's per-channel normalisation; the model's record of it,
-                     `predict.preprocessing_record`, is printed and in the summary);
+                     `model_data.preprocessing_record`, is printed and in the summary);
     output "logits": float32 [batch_size, num_classes] (apply softmax for probabilities; the
                      only output; the TFLite converter names its tensor "Identity").
 
@@ -56,7 +56,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from skipnet_jax import cli, predict, reporting
+from skipnet_jax import cli, model_data, reporting
 from skipnet_jax.config_validation import ConfigError
 from skipnet_jax.models.layers import Conv, ConvBN, DepthwiseConv
 
@@ -256,7 +256,7 @@ def export(loaded, fmt: str, output: str, *, batch_size: int = 1, fold: bool = T
     """Writes `loaded`'s inference function as `fmt` to `output`; returns a summary."""
     if fmt not in FORMATS:
         raise ConfigError(f"--format={fmt!r} is not valid; valid choices: {', '.join(FORMATS)}")
-    preprocessing = predict.preprocessing_record(loaded.config)  # an unknown dataset fails before the slow part
+    preprocessing = model_data.preprocessing_record(loaded.data_config)  # an unknown dataset fails before the slow part
     if batch_size < 1:
         raise ConfigError(f"--batch_size={batch_size} must be >= 1")
     fn = inference_function(loaded, fold=fold)
@@ -360,7 +360,9 @@ def main(argv: list[str]) -> None:
         f"as {summary['format']}: {summary['output']} ({summary['bytes']:,} bytes)"
     )
     print(f"  input  {summary['input'][0]}: float32 {summary['input'][1]} (NHWC, normalised as for eval)")
-    print(f"  preprocessing ({loaded.config.dataset} eval): {predict.describe_preprocessing(summary['preprocessing'])}")
+    print(
+        f"  preprocessing ({loaded.config.dataset} eval): {model_data.describe_preprocessing(summary['preprocessing'])}"
+    )
     print(f"  output {summary['output_tensor'][0]}: float32 {summary['output_tensor'][1]}")
     print(f"  batch norm folded into convolutions: {'yes' if summary['batch_norm_folded'] else 'no'}")
 

@@ -22,16 +22,18 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from skipnet_jax import checkpointing, convert, optim, steps
+from skipnet_jax import checkpointing, convert, model_data, optim, steps
 from skipnet_jax.config_validation import ConfigError, check_num_classes
-from skipnet_jax.data import pipeline
+from skipnet_jax.data import datasets, pipeline
 from skipnet_jax.default_config import RETIRED_KEYS, get_default_config
 from skipnet_jax.engine import EvalEngine, build_engine, build_eval_engine
+from skipnet_jax.model_data import check_dataset_classes, dataset_class_names
 from skipnet_jax.reporting import CONFIG_FILE
 
 __all__ = [
     "LoadedModel",
     "check_dataset_classes",
+    "check_model_dir",
     "config_from_json",
     "dataset_class_names",
     "is_converted_dir",
@@ -58,6 +60,12 @@ class LoadedModel:
     step: int | None
     use_ema: bool
     class_names: tuple[str, ...] | None = None
+    # `config` completed for the data package (`datasets.complete`), once; from `config` if not given.
+    data_config: Any = None
+
+    def __post_init__(self):
+        if self.data_config is None:
+            self.data_config = datasets.complete(self.config)
 
     def eval_state(self) -> steps.TrainState:
         """A `steps.TrainState` holding only what `steps.eval_step` reads (``use_ema=False``)."""
@@ -125,9 +133,24 @@ def config_from_json(path: str) -> ml_collections.ConfigDict:
     return config
 
 
+def check_model_dir(workdir: str) -> None:
+    """`ConfigError` unless `workdir` is a directory holding a model: a training run's
+    config.json or checkpoints, or a converted directory's model.json."""
+    if not os.path.isdir(workdir):
+        what = "does not exist" if not os.path.exists(workdir) else "is a file"
+        raise ConfigError(f"--workdir {workdir} is not a directory (it {what})")
+    markers = (CONFIG_FILE, checkpointing.CHECKPOINTS_SUBDIR, convert.META_FILE)
+    if not any(os.path.exists(os.path.join(workdir, name)) for name in markers):
+        raise ConfigError(
+            f"--workdir {workdir} holds no model: no {CONFIG_FILE} or {checkpointing.CHECKPOINTS_SUBDIR}/ "
+            f"(a training workdir) and no {convert.META_FILE} (a `skipnet_jax.convert` output directory)"
+        )
+
+
 def load_config(workdir: str) -> ml_collections.ConfigDict:
     """The default config of `workdir`: its config.json, or for a converted dir the defaults
     with ``model``, ``num_classes``, ``dataset`` and the eval preprocessing from model.json."""
+    check_model_dir(workdir)
     if is_converted_dir(workdir):
         return _converted_config(workdir)
     return config_from_json(os.path.join(workdir, CONFIG_FILE))
@@ -135,8 +158,6 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
 
 def _converted_config(workdir: str) -> ml_collections.ConfigDict:
     """The defaults with what model.json records about the weights (`convert.save_variables`)."""
-    from skipnet_jax import predict
-
     meta = read_meta(workdir)
     path = os.path.join(workdir, convert.META_FILE)
     config = get_default_config()
@@ -146,8 +167,8 @@ def _converted_config(workdir: str) -> ml_collections.ConfigDict:
         if not isinstance(meta[convert.DATASET_KEY], str) or not meta[convert.DATASET_KEY]:
             raise ConfigError(f"{path}: {convert.DATASET_KEY}={meta[convert.DATASET_KEY]!r} must be a dataset name")
         config.dataset = meta[convert.DATASET_KEY]
-    if predict.PREPROCESSING_KEY in meta:
-        predict.apply_preprocessing_record(config, meta[predict.PREPROCESSING_KEY], path)
+    if model_data.PREPROCESSING_KEY in meta:
+        model_data.apply_preprocessing_record(config, meta[model_data.PREPROCESSING_KEY], path)
     return config
 
 
@@ -163,40 +184,6 @@ def read_meta(directory: str) -> dict:
     return meta
 
 
-def dataset_class_names(config: ml_collections.ConfigDict) -> tuple[str, ...] | None:
-    """Class names of ``config.dataset`` without its data: an image folder's class
-    directories, or TFDS's metadata (nothing is downloaded or prepared; ImageNet's WordNet
-    IDs need no data).  None when not even their count is known."""
-    from skipnet_jax.data import folder
-
-    try:
-        if folder.looks_like_path(config.dataset):
-            return tuple(pipeline.get_dataset_info(config).class_names)
-        import tensorflow_datasets as tfds
-
-        return tuple(tfds.builder(config.dataset, data_dir=config.data_dir).info.features["label"].names)
-    except Exception:  # noqa: BLE001 - no names: callers show class indices
-        return None
-
-
-def check_dataset_classes(
-    config: ml_collections.ConfigDict, num_classes: int, what: str, flag: str = "--config.dataset"
-) -> tuple[str, ...] | None:
-    """``config.dataset``'s class names; `ConfigError` when their count is not the model's.
-
-    A model with another class count was trained on another dataset, so its predictions
-    would be labelled (and its images normalised) for the wrong one.  `what` names the
-    model in the message, `flag` the setting that fixes it.  An unknown count is no error.
-    """
-    names = dataset_class_names(config)
-    if names is not None and len(names) != num_classes:
-        raise ConfigError(
-            f"{what} has {num_classes} classes but {flag.lstrip('-')}={config.dataset!r} has {len(names)}; "
-            f"pass {flag}=<the dataset it was trained on>"
-        )
-    return names
-
-
 def load_model(workdir: str, config: ml_collections.ConfigDict | None = None) -> LoadedModel:
     """The model of a training workdir (latest checkpoint) or converted dir, with its eval weights.
 
@@ -205,8 +192,7 @@ def load_model(workdir: str, config: ml_collections.ConfigDict | None = None) ->
     the checkpoint is restored into).  Raises `ConfigError` with a one-line message.
     """
     workdir = os.path.abspath(workdir)
-    if not os.path.isdir(workdir):
-        raise ConfigError(f"--workdir {workdir} is not a directory")
+    check_model_dir(workdir)
     config = (load_config(workdir) if config is None else config).copy_and_resolve_references()
     config.unlock()
     if is_converted_dir(workdir):
@@ -229,10 +215,11 @@ def _load_converted(workdir: str, config: ml_collections.ConfigDict) -> LoadedMo
     if config.num_classes not in (-1, num_classes):
         raise ConfigError(f"config.num_classes={config.num_classes} but {workdir} holds {num_classes} classes")
     config.num_classes = num_classes
+    data_config = datasets.complete(config)
     what = f"the model in {workdir}"
     if convert.DATASET_KEY not in meta:
         what += f" (its {convert.META_FILE} names no dataset)"
-    class_names = check_dataset_classes(config, num_classes, what)
+    class_names = check_dataset_classes(data_config, num_classes, what)
     variables = {k: jax.tree.map(jnp.asarray, dict(variables.get(k, {}))) for k in ("params", "batch_stats")}
     return LoadedModel(
         model=steps.create_model(config, num_classes),
@@ -244,6 +231,7 @@ def _load_converted(workdir: str, config: ml_collections.ConfigDict) -> LoadedMo
         step=None,
         use_ema=False,
         class_names=class_names,
+        data_config=data_config,
     )
 
 
@@ -255,7 +243,8 @@ def _load_checkpoint(workdir: str, config: ml_collections.ConfigDict) -> LoadedM
             "pass a training workdir or a `skipnet_jax.convert` output directory"
         )
     try:
-        info = pipeline.get_dataset_info(config)
+        data_config = datasets.complete(config)
+        info = pipeline.get_dataset_info(data_config)
     except ValueError as e:
         raise ConfigError(str(e).splitlines()[0]) from None
     num_classes = check_num_classes(config, info.num_classes)
@@ -285,4 +274,5 @@ def _load_checkpoint(workdir: str, config: ml_collections.ConfigDict) -> LoadedM
         step=step,
         use_ema=use_ema,
         class_names=tuple(info.class_names) if len(info.class_names) == num_classes else None,
+        data_config=data_config,
     )

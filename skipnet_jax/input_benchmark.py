@@ -36,11 +36,12 @@ import math
 import multiprocessing
 import os
 import statistics
-import sys
 import tempfile
 import time
 
 import numpy as np
+
+from skipnet_jax import cli
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -204,24 +205,30 @@ def run(args: argparse.Namespace) -> dict:
     }
 
 
+def _define_flags(fv) -> None:
+    from absl import flags
+
+    flags.DEFINE_string(
+        "folder", None, "existing image folder (root/train/<class>/*.jpg); default: generate one", flag_values=fv
+    )
+    flags.DEFINE_integer("num_images", 512, "JPEGs to generate when no --folder is given", flag_values=fv)
+    flags.DEFINE_integer("workers", 2, "tf.data threads = PIL worker processes", flag_values=fv)
+    flags.DEFINE_integer("batch_size", 32, "images per batch", flag_values=fv)
+    flags.DEFINE_integer("image_size", 224, "image side in pixels", flag_values=fv)
+    flags.DEFINE_integer("batches", 12, "batches per timed round", flag_values=fv)
+    flags.DEFINE_integer("rounds", 3, "timed rounds", flag_values=fv)
+    flags.DEFINE_bool("json", False, "print one JSON object", flag_values=fv)
+
+
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m skipnet_jax.input_benchmark", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--folder", help="existing image folder (root/train/<class>/*.jpg); default: generate one")
-    parser.add_argument("--num_images", type=int, default=512)
-    parser.add_argument("--workers", type=int, default=2, help="tf.data threads = PIL worker processes")
-    parser.add_argument("--batch_size", type=int, default=32)
-    parser.add_argument("--image_size", type=int, default=224)
-    parser.add_argument("--batches", type=int, default=12, help="batches per timed round")
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--json", action="store_true")
-    args = parser.parse_args(argv)
+    args = cli.parse_command_flags(
+        _define_flags, argv, "python -m skipnet_jax.input_benchmark", __doc__.split("\n\n")[0]
+    )
     for name in ("num_images", "workers", "batch_size", "image_size", "batches", "rounds"):
         if getattr(args, name) < 1:
-            print(f"error: --{name}={getattr(args, name)} must be >= 1", file=sys.stderr)
-            sys.exit(2)
+            cli.fail(f"--{name}={getattr(args, name)} must be >= 1")
     if args.folder and not os.path.isdir(os.path.join(args.folder, "train")):
-        print(f"error: --folder={args.folder!r} has no train/ directory", file=sys.stderr)
-        sys.exit(2)
+        cli.fail(f"--folder={args.folder!r} has no train/ directory")
     result = run(args)
     if args.json:
         print(json.dumps(result))

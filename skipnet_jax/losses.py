@@ -25,6 +25,10 @@ import jax
 import jax.numpy as jnp
 
 BIAS_LOSS_MODES = ("local", "global")
+# The paper's and the release's z(v) = exp(alpha * v) - beta: the one statement of these defaults
+# (the config schema, the CIFAR recipes and the PyTorch reference read them from here).
+DEFAULT_ALPHA = 0.3
+DEFAULT_BETA = 0.3
 
 # State of the "global" normalisation: the smallest variance seen so far.
 # +inf before the first batch so the first batch's minimum replaces it (the
@@ -37,7 +41,7 @@ def init_bias_loss_state() -> BiasLossState:
     return {"running_min": jnp.array(jnp.inf, dtype=jnp.float32)}
 
 
-def bias_weight(normalized_variance: jax.Array, alpha: float = 0.3, beta: float = 0.3) -> jax.Array:
+def bias_weight(normalized_variance: jax.Array, alpha: float = DEFAULT_ALPHA, beta: float = DEFAULT_BETA) -> jax.Array:
     """z(v) = exp(alpha * v) - beta: 0.7 at v = 0, exp(0.3) - 0.3 at v = 1 (defaults)."""
     return jnp.exp(alpha * normalized_variance) - beta
 
@@ -108,8 +112,8 @@ def bias_loss(
     labels: jax.Array,
     features: jax.Array,
     *,
-    alpha: float = 0.3,
-    beta: float = 0.3,
+    alpha: float = DEFAULT_ALPHA,
+    beta: float = DEFAULT_BETA,
     mode: str = "local",
     state: BiasLossState | None = None,
 ) -> tuple[jax.Array, BiasLossState | None, Mapping[str, Any]]:

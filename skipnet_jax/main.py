@@ -27,6 +27,13 @@ flags.DEFINE_bool(
     "Also done, without this flag, when JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID are set "
     "(launch/local_multiprocess.sh sets them).",
 )
+flags.DEFINE_bool(
+    "allow_changed_config",
+    False,
+    "Resume a run with changed optimisation settings (learning rate, schedule, batch size, loss, ...): "
+    "without it such a resume is refused; with it the changes and the step from which they apply are "
+    "recorded in WORKDIR/config_changes.json. Logging, evaluation and checkpoint settings may change anyway.",
+)
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -67,7 +74,7 @@ def main(argv):
     except config_validation.ConfigError as e:
         cli.fail(str(e))
     try:
-        train.train_and_evaluate(config, FLAGS.workdir)
+        train.train_and_evaluate(config, FLAGS.workdir, allow_changed_config=FLAGS.allow_changed_config)
     except config_validation.ConfigError as e:  # found once the dataset is opened
         cli.fail(str(e))
     except stopping.Preempted as e:  # a clean stop; the next start resumes

@@ -7,17 +7,17 @@ Command line::
 ``DIR`` is a training workdir (latest checkpoint, EMA weights if the run kept them) or
 a ``python -m skipnet_jax.convert`` output directory, as for `skipnet_jax.evaluate`.
 Images are JPEG, PNG, GIF or BMP of any size and are preprocessed as the eval split of
-the model's dataset is (`eval_preprocessing`): the dataset, image size and preprocessing
+the model's dataset is, by the same function (`transforms.eval_image`; `eval_preprocessing`
+names its mode and statistics): the dataset, image size and preprocessing
 come with the model, from the run's config.json or from the converted directory's
 model.json (`preprocessing_record`; ``--config.KEY=VALUE`` overrides still apply):
 
 * "inception" datasets (ImageNet, image folders, large images): the shorter side is
   resized to ``ceil(image_size / 0.875)`` and the central ``image_size`` square
   cropped (`inception.eval_image`);
-* "simple" datasets (small images such as digits, CIFAR): ``to_float_rgb`` and the
-  antialiased bilinear `preprocess.resize` to ``image_size``; an image that is not
-  square is first centre-cropped to a square (eval images of these datasets are
-  square, so for them this changes nothing);
+* "simple" datasets (small images such as digits, CIFAR): the central square
+  (`preprocess.center_square`), ``to_float_rgb`` and the antialiased bilinear
+  `preprocess.resize` to ``image_size``;
 
 then the dataset's per-channel normalisation (`preprocess.normalize`).  Prints a first
 ``#`` line naming the model and that preprocessing (`describe_preprocessing`), then, per
@@ -37,13 +37,20 @@ import contextlib
 import os
 import re
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
 from skipnet_jax import cli
 from skipnet_jax.config_validation import ConfigError
+from skipnet_jax.model_data import (
+    PREPROCESSING_KEY,
+    apply_preprocessing_record,
+    describe_preprocessing,
+    eval_preprocessing,
+    preprocessing_record,
+)
 
 __all__ = [
     "PREPROCESSING_KEY",
@@ -58,118 +65,15 @@ __all__ = [
     "preprocessing_record",
 ]
 
-# Key of model.json (`convert.save_variables`) that holds `preprocessing_record`.
-PREPROCESSING_KEY = "preprocessing"
-
-
-def eval_preprocessing(config) -> tuple[str, tuple[float, ...], tuple[float, ...]]:
-    """``(mode, mean, std)`` of ``config.dataset``'s eval pipeline (`pipeline.eval_preprocessing`)."""
-    from skipnet_jax.data import pipeline
-
-    try:
-        return pipeline.eval_preprocessing(config)
-    except ValueError as e:  # unknown dataset names, bad data settings
-        raise ConfigError(str(e).splitlines()[0]) from None
-
-
-def _record(mode: str, image_size: int, mean: Sequence[float], std: Sequence[float]) -> dict[str, Any]:
-    """The record of `preprocessing_record`: the fields `preprocess_image` reads (mode, image
-    size, mean, std) plus the resize and crop they imply, spelled out for other tools."""
-    from skipnet_jax.data import inception
-
-    record: dict[str, Any] = {"mode": mode, "image_size": int(image_size)}
-    if mode == "inception":
-        record["resize_shorter_side"] = inception.eval_resize_size(int(image_size))
-        record["crop"] = "center"
-    else:
-        record["crop"] = "center_square"  # then resized to image_size
-    return record | {"mean": [float(m) for m in mean], "std": [float(s) for s in std]}
-
-
-def preprocessing_record(config) -> dict[str, Any]:
-    """JSON-ready eval preprocessing of `config`'s model, as model.json records it.
-
-    For the ImageNet eval preprocessing at 224 px: ``{"mode": "inception", "image_size":
-    224, "resize_shorter_side": 256, "crop": "center", "mean": [...], "std": [...]}``
-    (mean/std of pixels in [0, 1], per RGB channel).
-    """
-    mode, mean, std = eval_preprocessing(config)
-    return _record(mode, config.image_size, mean, std)
-
-
-def describe_preprocessing(record: Mapping[str, Any]) -> str:
-    """One line for people: ``shorter side 256, centre crop 224, mean (...), std (...)``."""
-    size = record["image_size"]
-    if record["mode"] == "inception":
-        steps = f"shorter side {record['resize_shorter_side']}, centre crop {size}"
-    else:
-        steps = f"centre square, resize to {size}"
-    numbers = ", ".join(f"{v:g}" for v in record["mean"]), ", ".join(f"{v:g}" for v in record["std"])
-    return f"{steps}, mean ({numbers[0]}), std ({numbers[1]})"
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _checked_record(record: Any, where: str) -> dict[str, Any]:
-    """`record` if it is one `_record` writes, else `ConfigError` naming the key in `where`."""
-    from skipnet_jax.data import pipeline
-
-    if not isinstance(record, Mapping):
-        raise ConfigError(f"{where}: '{PREPROCESSING_KEY}' must be an object, got {record!r}")
-    modes = [mode for mode in pipeline.PREPROCESSINGS if mode != "auto"]  # a record names the one used
-    checks = {
-        "mode": (lambda v: v in modes, f"one of {', '.join(modes)}"),
-        "image_size": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0, "a positive integer"),
-        "mean": (lambda v: isinstance(v, list) and len(v) == 3 and all(map(_is_number, v)), "a list of 3 numbers"),
-        "std": (
-            lambda v: isinstance(v, list) and len(v) == 3 and all(_is_number(x) and x > 0 for x in v),
-            "a list of 3 numbers > 0",
-        ),
-    }
-    for key, (ok, what) in checks.items():
-        if key not in record or not ok(record[key]):
-            raise ConfigError(f"{where}: {PREPROCESSING_KEY}.{key}={record.get(key)!r} is not valid; it must be {what}")
-    implied = _record(record["mode"], record["image_size"], record["mean"], record["std"])
-    for key, value in record.items():
-        if key not in implied:
-            raise ConfigError(f"{where}: unknown key {PREPROCESSING_KEY}.{key}; valid keys: {', '.join(implied)}")
-        if value != implied[key]:  # the derived fields must say what preprocess_image does
-            raise ConfigError(
-                f"{where}: {PREPROCESSING_KEY}.{key}={value!r} does not fit mode {record['mode']!r} at "
-                f"image_size {record['image_size']}, which uses {implied[key]!r}"
-            )
-    return implied
-
-
-def apply_preprocessing_record(config, record: Any, where: str) -> None:
-    """Sets ``config.image_size`` and ``config.data.preprocessing / mean / std`` from a record
-    of `preprocessing_record`, so that the eval pipeline and `preprocess_image` prepare
-    images as the model was trained for.  `where` (the file) names a bad record's error."""
-    record = _checked_record(record, where)
-    config.image_size = record["image_size"]
-    config.data.preprocessing = record["mode"]
-    config.data.mean = tuple(record["mean"])
-    config.data.std = tuple(record["std"])
-
 
 def preprocess_image(data: bytes, size: int, mode: str, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
-    """Encoded image bytes -> float32 ``[size, size, 3]``, as the eval pipeline prepares an example."""
+    """Encoded image bytes -> float32 ``[size, size, 3]``: `transforms.eval_image`, the eval
+    pipeline's own transform."""
     import tensorflow as tf
 
-    from skipnet_jax.data import inception, transforms
+    from skipnet_jax.data import transforms
 
-    image = tf.constant(data)
-    if mode == "simple":  # a file of any shape: its central square, as the datasets' square images
-        image = inception.decode_rgb(image)  # uint8 [h, w, 3]
-        height, width = image.shape[0], image.shape[1]
-        if height != width:
-            side = min(height, width)
-            image = image[
-                (height - side) // 2 : (height - side) // 2 + side, (width - side) // 2 : (width - side) // 2 + side
-            ]
-    return transforms.eval_image(image, mode, size, tuple(mean), tuple(std)).numpy()
+    return transforms.eval_image(tf.constant(data), mode, size, tuple(mean), tuple(std)).numpy()
 
 
 @contextlib.contextmanager
@@ -240,7 +144,7 @@ def predict(loaded, paths: Sequence[str], top_k: int = 5, batch_size: int = 32) 
     `loaded` is an `inference.LoadedModel`; the model runs in eval mode (batch-norm running
     statistics, no dropout).  ``top`` is sorted by probability, at most `top_k` entries.
     """
-    mode, mean, std = eval_preprocessing(loaded.config)
+    mode, mean, std = eval_preprocessing(loaded.data_config)
     out: list[dict[str, Any]] = []
     images = []
     for path in paths:
@@ -322,7 +226,7 @@ def main(argv: list[str]) -> None:
     where = f"step {loaded.step}" if loaded.step is not None else "converted"
     print(
         f"# {loaded.config.model} ({where}{', EMA' if loaded.use_ema else ''}), {loaded.num_classes} classes, "
-        f"{loaded.config.dataset} eval preprocessing: {describe_preprocessing(preprocessing_record(loaded.config))}"
+        f"{loaded.config.dataset} eval preprocessing: {describe_preprocessing(preprocessing_record(loaded.data_config))}"
     )
     print(format_predictions(predictions))
     if predicted < len(paths):

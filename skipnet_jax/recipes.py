@@ -41,6 +41,7 @@ JAX's RNG.
 
 import ml_collections
 
+from skipnet_jax import losses
 from skipnet_jax.default_config import get_default_config
 from skipnet_jax.optim import steps_per_epoch
 
@@ -126,8 +127,8 @@ def cifar100_config(model: str) -> ml_collections.ConfigDict:
 
     config.loss = "bias"
     config.bias_loss.mode = "global"  # the release's default normalisation
-    config.bias_loss.alpha = 0.3
-    config.bias_loss.beta = 0.3
+    config.bias_loss.alpha = losses.DEFAULT_ALPHA
+    config.bias_loss.beta = losses.DEFAULT_BETA
 
     epoch = _lazy_steps_per_epoch(config, CIFAR100_TRAIN_EXAMPLES)
     config.log_every_steps = 100

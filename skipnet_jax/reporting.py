@@ -108,6 +108,9 @@ class ProgressReporter:
 
 
 CONFIG_FILE = "config.json"  # WORKDIR/config.json: the resolved config of the run
+# WORKDIR/config_changes.json: the optimisation settings changed on a resume, with the step from
+# which each new value applied (train.py writes it; absent when nothing was changed)
+CONFIG_CHANGES_FILE = "config_changes.json"
 RESULTS_FILE = "results.json"  # WORKDIR/results.json: the finished run's numbers
 # WORKDIR/run_record.json: per checkpointed step, what a resumed run must carry on from (last
 # train metrics, skipped steps and files); results.json is built from it when the loop is not

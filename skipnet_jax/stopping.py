@@ -105,5 +105,5 @@ def how_to_resume(manager) -> str:
     path = os.path.join(str(manager.directory), str(step))
     return (
         f"last good checkpoint: {path} (step {step}); rerun the same command with a fix "
-        "(e.g. a lower --config.learning_rate) to resume from it"
+        "(e.g. a lower --config.learning_rate) and --allow_changed_config to resume from it"
     )

@@ -26,7 +26,17 @@ import numpy as np
 import optax
 from absl import logging
 
-from skipnet_jax import checkpointing, config_validation, init_from, optim, plots, reporting, sharding, stopping
+from skipnet_jax import (
+    checkpointing,
+    config_validation,
+    default_config,
+    init_from,
+    optim,
+    plots,
+    reporting,
+    sharding,
+    stopping,
+)
 from skipnet_jax.config_validation import ConfigError, check_num_classes
 from skipnet_jax.engine import Engine, build_engine
 from skipnet_jax.reporting import CONFIG_FILE, ProgressReporter, write_results
@@ -119,6 +129,15 @@ def _save_config(config, workdir: str) -> None:
         f.write(config.to_json_best_effort(indent=2, sort_keys=True))
 
 
+def _saved_config_changes(workdir: str, config) -> dict[str, tuple[Any, Any]]:
+    """``{key: (saved, now)}``: what differs from the config that wrote the workdir's
+    checkpoints (its config.json); empty when there is none."""
+    saved = reporting.read_json(os.path.join(workdir, CONFIG_FILE))
+    if saved is None:
+        return {}
+    return config_validation.config_changes(saved, json.loads(config.to_json_best_effort()))
+
+
 def _config_change(workdir: str, config) -> str:
     """What differs from the config that wrote the workdir's checkpoints (its config.json),
     as the lead of the refusal: the fields, not the thousands of tensor shapes, tell the
@@ -130,13 +149,49 @@ def _config_change(workdir: str, config) -> str:
     return f"config differs from the workdir's run ({'; '.join(changed)}): " if changed else ""
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+def _listed(changes: dict[str, tuple[Any, Any]]) -> str:
+    return ", ".join(f"{key} {a!r} -> {b!r}" for key, (a, b) in changes.items())
+
+
+def _check_resume_changes(workdir: str, changes: dict, start_step: int, allow: bool, is_chief: bool) -> None:
+    """Refuses to resume from `start_step` with changed optimisation settings (every field not in
+    `default_config.RESUME_SAFE_KEYS`) unless `allow`; allowed, appends them to
+    WORKDIR/config_changes.json with the step from which the new values apply."""
+    altering = {key: change for key, change in changes.items() if key not in default_config.RESUME_SAFE_KEYS}
+    if not altering:
+        return
+    record_path = os.path.join(workdir, reporting.CONFIG_CHANGES_FILE)
+    if not allow:
+        raise ConfigError(
+            f"{workdir} resumes at step {start_step} and steps 1-{start_step} ran with other optimisation "
+            f"settings ({_listed(altering)}); rerun with the workdir's settings (its {CONFIG_FILE}), pass "
+            f"another --workdir, or pass --allow_changed_config to go on with the new ones (recorded in "
+            f"{record_path})"
+        )
+    logging.warning("Resuming at step %d with changed settings (%s); recorded in %s.",
+                    start_step, _listed(altering), record_path)  # fmt: skip
+    if is_chief:
+        history = (reporting.read_json(record_path) or {}).get("changes", [])
+        history.append({
+            "from_step": start_step + 1,
+            "changed": {key: {"before": a, "after": b} for key, (a, b) in altering.items()},
+        })  # fmt: skip
+        reporting.write_json(record_path, {"changes": history})
+
+
+def train_and_evaluate(
+    config: ml_collections.ConfigDict, workdir: str, *, allow_changed_config: bool = False
+) -> dict[str, Any]:
     """Trains (resuming from WORKDIR/checkpoints if present), evaluates, writes results.json.
 
     One training run per workdir: while this one runs, another started there fails at
-    once (`checkpointing.workdir_lock`)."""
+    once (`checkpointing.workdir_lock`).  A resume with changed optimisation settings (any
+    field outside `default_config.RESUME_SAFE_KEYS`) is refused with a `ConfigError`
+    naming them, unless `allow_changed_config`; then they are recorded in
+    WORKDIR/config_changes.json.  Re-running a finished run returns its results and
+    changes nothing (a changed setting is reported as not applied)."""
     with contextlib.ExitStack() as held:  # the workdir lock, taken once the workdir exists; released on any exit
-        return _train_and_evaluate(config, workdir, held)
+        return _train_and_evaluate(config, workdir, held, allow_changed_config)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -144,6 +199,7 @@ class _Run:
     """What `_set_up` hands the loop and `_finish`: a run about to train from `start_step`."""
 
     config: ml_collections.ConfigDict
+    data_config: Any  # `config` completed for the data package, once (`datasets.complete`)
     workdir: str
     info: Any  # pipeline.DatasetInfo
     engine: Engine
@@ -154,11 +210,13 @@ class _Run:
     is_chief: bool
 
 
-def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, held: contextlib.ExitStack) -> dict[str, Any]:
+def _train_and_evaluate(
+    config: ml_collections.ConfigDict, workdir: str, held: contextlib.ExitStack, allow_changed_config: bool
+) -> dict[str, Any]:
     from skipnet_jax.data import pipeline  # tf.data only where data is read
 
     wall_start = time.time()
-    set_up = _set_up(config, workdir, held)
+    set_up = _set_up(config, workdir, held, allow_changed_config)
     if not isinstance(set_up, tuple):
         return set_up  # the run had finished: its results
     run, state = set_up
@@ -171,7 +229,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, held: c
         workdir if run.is_chief else None, run.num_train_steps, config.batch_size, config.log_every_steps
     )
     train_iterator = pipeline.create_train_iterator(
-        config, start_step=run.start_step, process_index=jax.process_index(), process_count=jax.process_count()
+        run.data_config, start_step=run.start_step, process_index=jax.process_index(), process_count=jax.process_count()
     )
     progress = _Progress(run, reporter)
     state = _train(run, progress, state, train_iterator, jitted_train_step, jitted_eval_step)
@@ -179,18 +237,20 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, held: c
 
 
 def _set_up(
-    config: ml_collections.ConfigDict, workdir: str, held: contextlib.ExitStack
+    config: ml_collections.ConfigDict, workdir: str, held: contextlib.ExitStack, allow_changed_config: bool = False
 ) -> tuple[_Run, TrainState] | dict[str, Any]:
     """The run and its state (restored, initialised or from ``init_from``), the workdir locked;
     or, for a run that had already finished, its results."""
-    from skipnet_jax.data import pipeline, preparation  # tf.data only where data is read
+    from skipnet_jax.data import datasets, pipeline, preparation  # tf.data only where data is read
 
     try:  # training is the one tool that prepares its dataset (digits, ImageNet from its tars)
-        preparation.prepare_dataset(config, process_index=jax.process_index(), process_count=jax.process_count())
-        info = pipeline.get_dataset_info(config)
+        data_config = datasets.complete(config)  # the data functions below use it as it is
+        preparation.prepare_dataset(data_config, process_index=jax.process_index(), process_count=jax.process_count())
+        info = pipeline.get_dataset_info(data_config)
     except ValueError as e:  # unknown dataset name, missing files: a config problem
         raise ConfigError(str(e).splitlines()[0]) from e
     num_classes = check_num_classes(config, info.num_classes)
+    config_validation.check_batch_fits(config, info.num_train_examples, info.name)
     steps_per_epoch, num_train_steps = optim.steps_for(config, info.num_train_examples)
     is_chief = jax.process_index() == 0
 
@@ -219,12 +279,23 @@ def _set_up(
             state = jax.device_put(init_from.with_initial_weights(state, initial_weights), engine.replicated)
             logging.info("Initialised weights from %s", config.init_from)
     start_step = int(state.step)
+    changes = _saved_config_changes(workdir, config) if restored is not None else {}
     if start_step >= num_train_steps:
         finished = reporting.read_results(workdir)
         if finished is not None and finished.get("steps") == start_step:
             logging.info("The run in %s finished at step %d; its results are kept as they are.", workdir, start_step)
+            if changes:
+                logging.warning(
+                    "Not applied (the run had finished; nothing was trained or rewritten): %s. "
+                    "Pass another --workdir to train with these settings.", _listed(changes),
+                )  # fmt: skip
             manager.close()
             return finished
+    try:
+        _check_resume_changes(workdir, changes, start_step, allow_changed_config, is_chief)
+    except ConfigError:
+        manager.close()
+        raise
     if is_chief:  # only now: a refused resume or a bad init_from leaves the run's config.json as it was
         _save_config(config, workdir)
     num_params = sum(x.size for x in jax.tree.leaves(state.params))
@@ -233,7 +304,7 @@ def _set_up(
         config.model, info.name, num_classes, num_params, info.num_train_examples,
         info.num_eval_examples, num_train_steps, steps_per_epoch, jax.device_count(),
     )  # fmt: skip
-    run = _Run(config, workdir, info, engine, manager, start_step, num_train_steps, num_params, is_chief)
+    run = _Run(config, data_config, workdir, info, engine, manager, start_step, num_train_steps, num_params, is_chief)
     return run, state
 
 
@@ -309,7 +380,7 @@ def _train(run: _Run, progress: _Progress, state, train_iterator, jitted_train_s
     the final state.  Raises `stopping.Preempted` after saving when asked to stop."""
     from skipnet_jax.data import pipeline  # tf.data only where data is read
 
-    config, manager, start_step, num_train_steps = run.config, run.manager, run.start_step, run.num_train_steps
+    config, manager, start_step, num_train_steps = run.data_config, run.manager, run.start_step, run.num_train_steps
     data_sharding = run.engine.data_sharding
     in_flight: collections.deque = collections.deque()
 
@@ -323,6 +394,7 @@ def _train(run: _Run, progress: _Progress, state, train_iterator, jitted_train_s
 
     batches = sharding.prefetch_to_device(checked_batches(), data_sharding, DEVICE_PREFETCH)
     with (
+        checkpointing.out_of_space_stops(manager),
         stopping.PreemptionWatcher() as preemption,
         stopping.finish_saves_on((BadImageError, KeyboardInterrupt), manager),
     ):
@@ -362,7 +434,7 @@ def _train(run: _Run, progress: _Progress, state, train_iterator, jitted_train_s
 def _finish(run: _Run, progress: _Progress, state, jitted_eval_step, wall_start: float) -> dict[str, Any]:
     """The final evaluation, results.json and the plots; returns the results."""
     config, info, reporter = run.config, run.info, progress.reporter
-    eval_metrics, confusion = evaluate(jitted_eval_step, state, config, run.engine.data_sharding)
+    eval_metrics, confusion = evaluate(jitted_eval_step, state, run.data_config, run.engine.data_sharding)
     reporter.write_eval(run.num_train_steps, eval_metrics)
     results = {
         **eval_metrics,

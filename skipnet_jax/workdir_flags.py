@@ -9,7 +9,7 @@ import ml_collections
 
 from skipnet_jax import cli
 from skipnet_jax.config_validation import ConfigError
-from skipnet_jax.inference import is_converted_dir, load_config, read_meta
+from skipnet_jax.inference import check_model_dir, is_converted_dir, load_config, read_meta
 
 
 def _flag_value(argv: list[str], name: str) -> str | None:
@@ -22,7 +22,8 @@ def _flag_value(argv: list[str], name: str) -> str | None:
 
 
 def define_workdir_flags(argv: list[str], workdir_help: str) -> None:
-    """Defines ``--workdir`` and ``--config`` (+ ``--config.KEY=VALUE`` overrides).
+    """Defines ``--workdir`` and ``--config`` (+ ``--config.KEY=VALUE`` overrides); a
+    ``--workdir`` that is no directory or holds no model ends the command (one line).
 
     ``--config FILE`` loads a config file; without it the overrides apply to
     `load_config(--workdir)` (config.json or the converted dir's model.json), which is
@@ -35,6 +36,11 @@ def define_workdir_flags(argv: list[str], workdir_help: str) -> None:
     flags.mark_flag_as_required("workdir")
     has_file = any(a == "--config" or a.startswith("--config=") for a in argv[1:])
     workdir = _flag_value(argv[1:], "workdir")
+    if workdir is not None:
+        try:  # before anything else (the images predict reads, a --config file): where the model is
+            check_model_dir(workdir)
+        except ConfigError as e:
+            cli.fail(str(e))
     if has_file or workdir is None:
         config_flags.DEFINE_config_file("config", None, "Config file (default: the workdir's own).", lock_config=True)
         return

@@ -3,7 +3,7 @@
 What is checked is that every part runs and reports real, consistent figures (pytest's
 counts, the digits accuracy over the 360 test images, examples_per_sec, ratios, FLOPs,
 the fraction of peak), that a missed accuracy threshold fails the run, and that the NumPy
-digits input is the tf.data pipeline's.  The speed itself is measured on a GPU machine (README).
+digits input is the tf.data pipeline's.  The speed itself is measured on a GPU machine (docs/performance.md).
 """
 
 import json

@@ -107,7 +107,7 @@ def test_cli_skips_counts_then_error_mode_stops_and_keeps_checkpoint(damaged_fol
     fixed = tmp_path / "fixed"
     shutil.copytree(damaged_folder, fixed)
     (fixed / "train" / "c" / "good.jpg").write_bytes(_encode(_image(100, 80, seed=3), "JPEG"))
-    result = _cli(workdir, f"--config.dataset={fixed}", *_CLI_FLAGS, *strict)
+    result = _cli(workdir, f"--config.dataset={fixed}", *_CLI_FLAGS, *strict, "--allow_changed_config")
     assert result.returncode == 2, result.stderr[-4000:]
     error = _one_error_line(result)
     bad = _bad_train_files(str(fixed)) | {os.path.join(fixed, "val", "a", "truncated.jpg")}

@@ -1,9 +1,9 @@
-"""The benchmark CLIs run and report what the README's Performance table quotes.
+"""The benchmark CLIs run and report what the Performance table (docs/performance.md) quotes.
 
 Tiny sizes only: these check that the tools work and report every figure (throughput as
 ``examples_per_sec``, ratio to PyTorch, bias-loss overhead, compile time, peak memory; the
 input-pipeline ratio), not the speed itself (speed is measured by running the tools, see
-README "Performance").
+docs/performance.md).
 """
 
 import json

@@ -4,7 +4,8 @@ Parameter counts and 224 px shapes use `jax.eval_shape` (no compilation).  The 3
 forward passes run one jit per model (an eval pass in float32 and a train-mode pass in
 bfloat16, compiled together) on deterministic synthetic variables built from the
 eval_shape tree, which avoids compiling each model's random initialiser.
-``shufflenet_v2_x0_5`` is also compared with a PyTorch model given the same weights.
+``shufflenet_v2_x0_5`` is also compared with the release's model (the PyTorch reference
+`skipnet_jax.reference.torch_shufflenet`) through the converter.
 """
 
 import math
@@ -31,13 +32,14 @@ PARAM_COUNTS = {
     ("mobilenet_v3_small", 1000): 2_542_856,
     # The release's CIFAR-100 models (100 classes).
     ("resnet18_cifar", 100): 11_220_132,
-    ("shufflenet_v2_x0_5", 100): 444_292,
+    ("shufflenet_v2_x0_5", 100): 448_268,
     ("densenet121_cifar", 100): 7_048_548,
     # Cross-checks against torchvision's ImageNet models at 1000 classes:
     # resnet18 11,689,512 - 7x7 stem conv (9,408) + 3x3 stem conv (1,728);
     ("resnet18_cifar", 1000): 11_681_832,
-    # shufflenet_v2_x0_5 1,366,792 (its 3x3 stem conv has the same size at stride 1);
-    ("shufflenet_v2_x0_5", 1000): 1_366_792,
+    # shufflenet_v2_x0_5 1,366,792 (its 3x3 stem conv has the same size at stride 1)
+    # + the release's 3,976 conv biases;
+    ("shufflenet_v2_x0_5", 1000): 1_370_768,
     # densenet121 7,978,856 - 7x7 stem conv and its BN (9,536) + 3x3 stem conv (1,728).
     ("densenet121_cifar", 1000): 7_971_048,
 }
@@ -236,119 +238,33 @@ def test_channel_shuffle_matches_pytorch_semantics():
 # --------------------------------------------------------------------------- vs PyTorch
 
 
-def _torch_shufflenet_v2(widths, repeats, num_classes):
-    """PyTorch ShuffleNetV2 with the CIFAR stem, its modules keyed by the Flax names.
+def _release_shufflenet(seed=0):
+    """The independent PyTorch reference of the release's ShuffleNetV2 0.5x with random
+    conv biases, BN affines and uncalibrated running statistics, and its converted variables."""
+    from skipnet_jax import convert
+    from skipnet_jax.reference.torch_shufflenet import TorchShuffleNetV2, randomize_
 
-    Facts: stem 3x3 conv stride 1 + BN, no ReLU, no max-pool (the release's ``pre``);
-    torchvision's units: stride 2 -> [dw3x3/2 BN, 1x1 BN ReLU](x) and [1x1 BN ReLU,
-    dw3x3/2 BN, 1x1 BN ReLU](x), each ``out / 2`` wide; stride 1 -> split the channels
-    in halves, the second through the 3-conv branch; concatenate, shuffle 2 groups;
-    conv5 1x1 BN ReLU, average pool, Linear.  Convs without bias (each feeds a BN).
-    """
-    import torch
-    from torch import nn as tnn
-
-    m = tnn.ModuleDict()
-
-    def conv_bn(name, cin, cout, k, stride=1, depthwise=False, bn_name=None):
-        m[name] = tnn.Conv2d(cin, cout, k, stride, (k - 1) // 2, groups=cin if depthwise else 1, bias=False)
-        m[bn_name] = tnn.BatchNorm2d(cout)
-
-    conv_bn("stem_conv", 3, widths[0], 3, bn_name="stem_bn")
-    cin = widths[0]
-    for s, (reps, out) in enumerate(zip(repeats, widths[1:-1])):
-        b = out // 2
-        for u in range(reps):
-            name = f"stage{s + 2}_unit{u}"
-            stride = 2 if u == 0 else 1
-            if stride == 2:
-                conv_bn(f"{name}_left_dw", cin, cin, 3, 2, True, f"{name}_left_bn1")
-                conv_bn(f"{name}_left_conv", cin, b, 1, bn_name=f"{name}_left_bn2")
-            r = f"{name}_right"
-            conv_bn(f"{r}_conv1", cin if stride == 2 else b, b, 1, bn_name=f"{r}_bn1")
-            conv_bn(f"{r}_dw", b, b, 3, stride, True, f"{r}_bn2")
-            conv_bn(f"{r}_conv2", b, b, 1, bn_name=f"{r}_bn3")
-            cin = out
-    conv_bn("conv5_conv", cin, widths[-1], 1, bn_name="conv5_bn")
-    m["classifier"] = tnn.Linear(widths[-1], num_classes)
-
-    def forward(x):
-        """``(logits, {"stem", "stage2".."stage4", "features"})``, NCHW tensors."""
-
-        def cbn(name, bn_name, x, relu):
-            y = m[bn_name](m[name](x))
-            return torch.relu(y) if relu else y
-
-        out = {}
-        x = out["stem"] = cbn("stem_conv", "stem_bn", x, relu=False)
-        for s, reps in enumerate(repeats):
-            for u in range(reps):
-                name = f"stage{s + 2}_unit{u}"
-                r = f"{name}_right"
-                if u == 0:
-                    left = cbn(f"{name}_left_dw", f"{name}_left_bn1", x, False)
-                    left = cbn(f"{name}_left_conv", f"{name}_left_bn2", left, True)
-                    right = x
-                else:
-                    left, right = x.chunk(2, dim=1)
-                right = cbn(f"{r}_conv1", f"{r}_bn1", right, True)
-                right = cbn(f"{r}_dw", f"{r}_bn2", right, False)
-                right = cbn(f"{r}_conv2", f"{r}_bn3", right, True)
-                x = torch.cat([left, right], dim=1)
-                n, c, h, w = x.shape
-                x = x.view(n, 2, c // 2, h, w).transpose(1, 2).reshape(n, c, h, w)
-            out[f"stage{s + 2}"] = x
-        x = out["features"] = cbn("conv5_conv", "conv5_bn", x, True)
-        return m["classifier"](x.mean(dim=(2, 3))), out
-
-    return m, forward
+    m = randomize_(TorchShuffleNetV2(0.5, NUM_CLASSES), seed)
+    return m, convert.torch_state_dict_to_variables(m.state_dict(), "shufflenet_v2_x0_5")
 
 
-def _torch_to_flax(m) -> dict:
-    from torch import nn as tnn
-
-    def f(t):
-        return np.asarray(t.detach().numpy(), np.float32)
-
-    params, stats = {}, {}
-    for name, mod in m.items():
-        if isinstance(mod, tnn.Conv2d):
-            params[name] = {"kernel": f(mod.weight).transpose(2, 3, 1, 0)}  # OIHW -> HWIO; dw: (k, k, 1, C)
-        elif isinstance(mod, tnn.BatchNorm2d):
-            params[name] = {"scale": f(mod.weight), "bias": f(mod.bias)}
-            stats[name] = {"mean": f(mod.running_mean), "var": f(mod.running_var)}
-        else:
-            params[name] = {"kernel": f(mod.weight).T, "bias": f(mod.bias)}
-    return {"params": params, "batch_stats": stats}
-
-
-def test_shufflenet_v2_x0_5_matches_pytorch():
-    """Logits, intermediate tensors (eval and train mode) and running statistics of the
-    registered 0.5x model against a PyTorch ShuffleNetV2 with the same weights."""
+def test_shufflenet_v2_x0_5_is_the_release_model():
+    """Same parameters as the release (448,268 at 100 classes, conv biases included); the
+    converter carries every release entry, so the converted variables give the release's
+    logits and conv5 features in eval mode and train mode, and its running statistics."""
     import torch
 
-    torch.manual_seed(0)
+    from skipnet_jax.reference.torch_shufflenet import count_parameters
+
+    m, variables = _release_shufflenet()
+    assert count_parameters(m) == PARAM_COUNTS[("shufflenet_v2_x0_5", NUM_CLASSES)] == 448_268
     model = create_model("shufflenet_v2_x0_5", num_classes=NUM_CLASSES, depthwise_impl="lax")
-    m, forward = _torch_shufflenet_v2(tuple(model.stages_out_channels), tuple(model.stages_repeats), NUM_CLASSES)
-    rng = np.random.default_rng(0)
-    bns = [mod for mod in m.values() if isinstance(mod, torch.nn.BatchNorm2d)]
-    with torch.no_grad():
-        for bn in bns:
-            c = bn.num_features
-            bn.weight.copy_(torch.from_numpy(rng.uniform(0.5, 1.5, c).astype(np.float32)))
-            bn.bias.copy_(torch.from_numpy(rng.normal(0.0, 0.2, c).astype(np.float32)))
-        # Running statistics of a calibration batch (momentum 1), so that eval-mode
-        # activations keep their scale through the 50 layers of PyTorch-default init.
-        for bn in bns:
-            bn.momentum = 1.0
-        forward(torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(1)))
-        for bn in bns:
-            bn.momentum = 0.1
-    variables = _torch_to_flax(m)
     shapes = _init_shapes(model)
     assert jax.tree.map(lambda a: a.shape, variables) == jax.tree.map(lambda a: a.shape, shapes)
+    conv_biases = [v["bias"] for v in variables["params"].values() if v.get("kernel", np.zeros(())).ndim == 4]
+    assert len(conv_biases) == 56 and all(np.abs(b).max() > 0.1 for b in conv_biases)
 
-    images = rng.standard_normal((BATCH, 32, 32, 3)).astype(np.float32)
+    images = np.random.default_rng(1).standard_normal((BATCH, 32, 32, 3)).astype(np.float32)
 
     @jax.jit
     def both(variables, images):
@@ -360,19 +276,46 @@ def test_shufflenet_v2_x0_5_matches_pytorch():
     x = torch.from_numpy(images).permute(0, 3, 1, 2)
     with torch.no_grad():
         m.eval()
-        ref_eval = forward(x)
+        ref_eval = m(x)
         m.train()
-        ref_train = forward(x)
-    runs = (("eval", eval_out, ref_eval), ("train", train_out, ref_train))
-    for mode, (logits, aux), (ref_logits, ref_aux) in runs:
-        for key, ref in ref_aux.items():
-            ref = ref.numpy().transpose(0, 2, 3, 1)
-            scale = np.abs(ref).max()
-            assert scale > 1.0, (mode, key)  # the comparison sees a live signal
-            # float32 round-off grows with depth: about 1.5e-5 of the scale at conv5.
-            np.testing.assert_allclose(aux[key], ref, rtol=1e-5, atol=3e-5 * scale, err_msg=f"{mode} {key}")
-        np.testing.assert_allclose(logits, ref_logits.numpy(), rtol=1e-5, atol=1e-5, err_msg=f"{mode} logits")
-    ref_stats = _torch_to_flax(m)["batch_stats"]
+        ref_train = m(x)
+    for mode, (logits, aux), (ref_logits, ref_features) in (
+        ("eval", eval_out, ref_eval),
+        ("train", train_out, ref_train),
+    ):
+        ref_features = ref_features.numpy().transpose(0, 2, 3, 1)
+        scale = np.abs(ref_logits.numpy()).max()
+        assert scale > 1.0 and np.abs(ref_features).max() > 1.0, mode  # a live signal
+        np.testing.assert_allclose(aux["features"], ref_features, rtol=1e-5, atol=3e-5 * np.abs(ref_features).max())
+        np.testing.assert_allclose(logits, ref_logits.numpy(), rtol=1e-5, atol=1e-5 * scale, err_msg=f"{mode} logits")
+    from skipnet_jax import convert
+
+    ref_stats = convert.torch_state_dict_to_variables(m.state_dict(), "shufflenet_v2_x0_5")["batch_stats"]
     for name, stats in ref_stats.items():
-        np.testing.assert_allclose(new_stats[name]["mean"], stats["mean"], rtol=1e-5, atol=1e-6, err_msg=name)
-        np.testing.assert_allclose(new_stats[name]["var"], stats["var"], rtol=1e-5, err_msg=name)
+        np.testing.assert_allclose(new_stats[name]["mean"], stats["mean"], rtol=1e-5, atol=1e-5, err_msg=name)
+        np.testing.assert_allclose(new_stats[name]["var"], stats["var"], rtol=1e-5, atol=1e-5, err_msg=name)
+
+
+def test_shufflenet_v2_bias_free_state_dict_is_refused():
+    """A state dict without the conv biases (torchvision-style units) is not the release's:
+    the converter names the missing biases instead of dropping or inventing them."""
+    from skipnet_jax import convert
+
+    m, _ = _release_shufflenet()
+    sd = m.state_dict()
+    conv_biases = [k for k in sd if k.endswith(".bias") and sd[k.removesuffix(".bias") + ".weight"].dim() == 4]
+    assert len(conv_biases) == 56
+    sd = {k: v for k, v in sd.items() if k not in conv_biases}
+    with pytest.raises(
+        convert.ConversionError, match=r"^56 problems converting to shufflenet_v2_x0_5: missing: [^;]*\bpre\.0\.bias$"
+    ):
+        convert.torch_state_dict_to_variables(sd, "shufflenet_v2_x0_5")
+
+
+def test_shufflenet_v2_release_1x_widths():
+    """The release's factory default (ratio 1: widths 24, 116, 232, 464, 1024) built with
+    ``stages_out_channels`` has the release's 1.0x parameter count."""
+    from skipnet_jax.reference.torch_shufflenet import TorchShuffleNetV2, count_parameters
+
+    model = create_model("shufflenet_v2_x0_5", num_classes=NUM_CLASSES, stages_out_channels=(24, 116, 232, 464, 1024))
+    assert _num_params(_init_shapes(model)) == count_parameters(TorchShuffleNetV2(1.0, NUM_CLASSES)) == 1_360_896

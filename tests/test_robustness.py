@@ -171,10 +171,12 @@ def test_exploding_weights_stop_before_any_checkpoint_holds_them(digits_data_dir
     last_good = _steps_saved(tmp_path)[-1]
     assert f"last good checkpoint: {tmp_path / 'checkpoints' / str(last_good)}" in line, line
     assert "--config.learning_rate" in line
-    # Resuming it with a sane learning rate finishes: the checkpoint holds usable weights.
+    # Resuming it with a sane learning rate (allowed explicitly) finishes: the checkpoint holds usable weights.
+    assert "--allow_changed_config" in line
     result = _run(
-        tmp_path, digits_data_dir, "--config.optimizer=sgd", "--config.learning_rate=0.01", "--config.loss=ce"
-    )
+        tmp_path, digits_data_dir, "--config.optimizer=sgd", "--config.learning_rate=0.01", "--config.loss=ce",
+        "--allow_changed_config",
+    )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"at step {last_good}" in result.stderr
     with open(tmp_path / "results.json") as f:

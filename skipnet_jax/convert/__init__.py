@@ -1,4 +1,5 @@
-"""Convert a PyTorch SkipNet checkpoint (the authors' release layout) to Flax variables.
+"""Convert a PyTorch checkpoint of the authors' releases (SkipNet; the bias-loss release's
+CIFAR ShuffleNetV2 0.5x) to Flax variables.
 
 Command line::
 
@@ -7,7 +8,8 @@ Command line::
 
 reads the ``.pth`` file with ``torch.load(..., map_location="cpu", weights_only=True)``
 (never plain pickle, so a checkpoint cannot run code), maps every entry to the Flax
-variable it belongs to (the key map `skipnet_jax.models.skipnet_torch_keys`), checks every
+variable it belongs to (the key maps `skipnet_jax.models.skipnet_torch_keys`,
+`skipnet_jax.models.shufflenet_torch_keys`; `convertible_models()` lists them), checks every
 name and shape against the Flax model, and writes ``DIR``:
 
 * ``DIR/variables/``: an orbax checkpoint (``orbax.checkpoint.StandardCheckpointer``) of
@@ -19,7 +21,7 @@ name and shape against the Flax model, and writes ``DIR``:
 ``dataset`` and ``preprocessing`` say what input the weights expect, so that ``predict``,
 ``evaluate`` and ``export`` prepare images the same way without being told: the dataset
 they were trained on (``--dataset``; its class count must be the checkpoint's) and its
-eval preprocessing at ``--image_size`` (`predict.preprocessing_record`).  The defaults
+eval preprocessing at ``--image_size`` (`model_data.preprocessing_record`).  The defaults
 are the release's: SkipNet-M trained on ImageNet at 224 px, so ``{"mode": "inception",
 "image_size": 224, "resize_shorter_side": 256, "crop": "center", "mean": [0.485, 0.456,
 0.406], "std": [0.229, 0.224, 0.225]}`` (the ImageNet eval pipeline's own values).

@@ -18,11 +18,11 @@ __all__ = ["convert_file", "main"]
 
 def _check_classes(config, num_classes: int) -> None:
     """`ConversionError` when the checkpoint's class count is not ``config.dataset``'s."""
-    from skipnet_jax import inference
+    from skipnet_jax import model_data
     from skipnet_jax.config_validation import ConfigError
 
     try:
-        inference.check_dataset_classes(config, num_classes, "the checkpoint", flag="--dataset")
+        model_data.check_dataset_classes(config, num_classes, "the checkpoint", flag="--dataset")
     except ConfigError as e:
         raise ConversionError(str(e)) from None
 

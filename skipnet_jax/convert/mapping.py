@@ -28,9 +28,10 @@ __all__ = ["convertible_models", "torch_state_dict_to_variables"]
 
 # Models whose torch key layout is known -> their key map module.  XS/S/M/L share the
 # release's key names (only the widths differ), so any of them converts from a
-# checkpoint of that variant.
+# checkpoint of that variant; the bias-loss release's CIFAR ShuffleNetV2 0.5x has its own.
 _KEY_MAPS: dict[str, str] = {
-    name: "skipnet_jax.models.skipnet_torch_keys" for name in ("skipnet_xs", "skipnet_s", "skipnet_m", "skipnet_l")
+    **{name: "skipnet_jax.models.skipnet_torch_keys" for name in ("skipnet_xs", "skipnet_s", "skipnet_m", "skipnet_l")},
+    "shufflenet_v2_x0_5": "skipnet_jax.models.shufflenet_torch_keys",
 }
 
 

@@ -58,11 +58,14 @@ def data_config(dataset: str = RELEASE_DATASET, image_size: int = RELEASE_IMAGE_
 
 def data_record(data_config) -> dict[str, Any]:
     """``{"dataset", "preprocessing"}`` of model.json for `data_config`."""
-    from skipnet_jax import predict
+    from skipnet_jax import model_data
     from skipnet_jax.config_validation import ConfigError
 
     try:
-        return {DATASET_KEY: data_config.dataset, predict.PREPROCESSING_KEY: predict.preprocessing_record(data_config)}
+        return {
+            DATASET_KEY: data_config.dataset,
+            model_data.PREPROCESSING_KEY: model_data.preprocessing_record(data_config),
+        }
     except ConfigError as e:
         raise ConversionError(str(e)) from None
 

@@ -21,9 +21,9 @@ from skipnet_jax.data import folder
 
 Example = dict[str, tf.Tensor]
 
-# config.data.bad_images: what an unreadable image file of an image folder does ("error":
-# `get_dataset_info` refuses empty class dirs, the training loop stops at the first bad file).
-BAD_IMAGE_POLICIES = ("skip", "error")
+# config.data.bad_images (`default_config.BAD_IMAGE_POLICIES`): what an unreadable image file
+# of an image folder does ("error": `get_dataset_info` refuses empty class dirs, the training
+# loop stops at the first bad file).
 # "skip": a train example whose file cannot be decoded takes the next file of the
 # split (index + 1, ...); more than this many unreadable files in a row is an error.
 MAX_CONSECUTIVE_BAD_FILES = 16

@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import difflib
 import os
+import weakref
 
+import ml_collections
 import tensorflow_datasets as tfds
 
 from skipnet_jax import config_validation, default_config
@@ -34,11 +36,22 @@ class DataNotFoundError(FileNotFoundError, ValueError):
     """The dataset's files are missing (a ValueError too: the CLI reports it as a config error)."""
 
 
-def complete(config):
-    """`config` with the schema's value for every field it lacks; ``config.data`` validated."""
-    config = default_config.with_defaults(config)
-    config_validation.validate_data_config(config)
-    return config
+# The configs `complete` returned (frozen): given one of them again, it returns it as it is.
+_COMPLETED: weakref.WeakSet = weakref.WeakSet()
+
+
+def complete(config) -> ml_collections.FrozenConfigDict:
+    """`config` with the schema's value for every field it lacks and ``config.data`` validated,
+    frozen.  Every public function of the data package starts with it; a command completes its
+    config once and passes the result on (``train`` as ``_Run.data_config``, ``evaluate`` /
+    ``predict`` / ``export`` as `inference.LoadedModel.data_config`), which is then used as it
+    is: completed and validated once per command."""
+    if isinstance(config, ml_collections.FrozenConfigDict) and config in _COMPLETED:
+        return config
+    completed = ml_collections.FrozenConfigDict(default_config.with_defaults(config))
+    config_validation.validate_data_config(completed)
+    _COMPLETED.add(completed)
+    return completed
 
 
 def is_folder(config) -> bool:

@@ -36,10 +36,11 @@ Eval: the whole split in order, the last global batch padded with
 
 The process layout is an argument (``process_index``, ``process_count``) of
 every function that depends on it, never looked up here.  Every public
-function reads the config's fields directly; a config that lacks some (built
-by hand, not from the schema) gets them from `default_config.with_defaults`,
-and the ``config.data`` fields are validated by
-`config_validation.validate_data_config`.
+function starts with `datasets.complete`: a config that lacks some fields (built
+by hand, not from the schema) gets them from `default_config.with_defaults`, the
+``config.data`` fields are validated by `config_validation.validate_data_config`,
+and the result is frozen; given such a completed config again (a command passes the
+one it completed on), it is used as it is.
 """
 
 from __future__ import annotations
@@ -54,10 +55,11 @@ import tensorflow as tf
 
 from skipnet_jax import config_validation
 from skipnet_jax.data import bad_files, datasets, folder, preprocess, sources, streams, tf_setup, transforms
-from skipnet_jax.data.bad_files import BAD_IMAGE_POLICIES, MAX_CONSECUTIVE_BAD_FILES, pop_bad_files
+from skipnet_jax.data.bad_files import MAX_CONSECUTIVE_BAD_FILES, pop_bad_files
 from skipnet_jax.data.datasets import DataNotFoundError
 from skipnet_jax.data.tf_setup import automatic_num_threads
 from skipnet_jax.data.transforms import IMAGENET_MEAN, IMAGENET_STD, PREPROCESSINGS
+from skipnet_jax.default_config import BAD_IMAGE_POLICIES
 
 __all__ = [
     "BAD_IMAGE_POLICIES",

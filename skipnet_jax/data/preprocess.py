@@ -91,6 +91,17 @@ def to_float_rgb(image: tf.Tensor) -> tf.Tensor:
     return image
 
 
+def center_square(image: tf.Tensor) -> tf.Tensor:
+    """The central ``min(h, w)`` square of ``[h, w, c]`` (rows and columns cut equally from both
+    sides, the odd one from the end); a square image (static shape) is returned as it is."""
+    height, width = image.shape[0], image.shape[1]
+    if height is not None and height == width:
+        return image
+    shape = tf.shape(image)
+    side = tf.minimum(shape[0], shape[1])
+    return tf.image.crop_to_bounding_box(image, (shape[0] - side) // 2, (shape[1] - side) // 2, side, side)
+
+
 def resize(image: tf.Tensor, size: int) -> tf.Tensor:
     """Bilinear resize to ``[size, size]``; antialiased when downsampling.
 

@@ -26,7 +26,8 @@ from collections.abc import Callable
 
 import tensorflow as tf
 
-MAX_LEVEL = 10.0
+from skipnet_jax.default_config import RANDAUGMENT_MAX_LEVEL as MAX_LEVEL
+
 FILL_VALUE = 0.5
 
 

@@ -1,15 +1,19 @@
 """One image -> the tensor the model sees: the train transform and the eval transform.
 
 `eval_image` is the only place that turns an image into an eval tensor: the
-eval iterator (`pipeline.create_eval_iterator`) and single-image prediction
-(`skipnet_jax.predict.preprocess_image`, hence export's checks) both call it,
-so a model sees at prediction time exactly what it was evaluated on.
+eval iterator (`pipeline.create_eval_iterator`, hence ``evaluate``) and
+single-image prediction (`skipnet_jax.predict.preprocess_image`, hence
+``predict`` and the input ``export``'s files expect) all call it, with the
+image as the dataset stores it or as a file's bytes, so a model sees at
+prediction time exactly the pixels it was evaluated on.
 
 Two preprocessings (``config.data.preprocessing``; "auto" picks "inception"
 for image folders, ImageNet and any dataset whose images are variable-size or
 larger than ``SMALL_IMAGE_SIDE`` px, else "simple"):
 
-* "simple" (small images): uint8 -> float ``[0, 1]``, grayscale repeated to
+* "simple" (small images): the central square of the image (`preprocess.center_square`:
+  a square image, as every small TFDS dataset's, is unchanged; a non-square one is
+  cropped, never stretched), uint8 -> float ``[0, 1]``, grayscale repeated to
   RGB, bilinear (antialiased) resize to ``image_size`` x ``image_size``,
   train-only augmentation (`preprocess.augment_policy`: pad-and-crop
   translation; plus a horizontal flip except for digit datasets).
@@ -30,9 +34,9 @@ import dataclasses
 import tensorflow as tf
 
 from skipnet_jax.data import datasets, inception, preprocess, randaugment
+from skipnet_jax.default_config import PREPROCESSINGS  # "auto" and the modes implemented here
 
-# config.data.preprocessing: "auto" and the modes `eval_image` / `train_image` implement.
-PREPROCESSINGS = ("auto", "simple", "inception")
+__all__ = ["PREPROCESSINGS", "augmentation", "eval_image", "normalization", "resolve_preprocessing", "train_image"]
 # "auto" preprocessing: images at most this many px a side use "simple".
 SMALL_IMAGE_SIDE = 64
 IMAGENET_MEAN, IMAGENET_STD = preprocess.default_normalization("imagenet2012")
@@ -92,15 +96,17 @@ def _eval_pixels(image: tf.Tensor, mode: str, size: int) -> tf.Tensor:
     if mode == "inception":
         return inception.eval_image(image, size)
     if mode == "simple":
-        return preprocess.resize(preprocess.to_float_rgb(image), size)
+        if image.dtype == tf.string:
+            image = inception.decode_rgb(image)
+        return preprocess.resize(preprocess.to_float_rgb(preprocess.center_square(image)), size)
     raise ValueError(f"preprocessing mode {mode!r} is not 'simple' or 'inception'")
 
 
 def eval_image(image: tf.Tensor, mode: str, size: int, mean: preprocess.Stats, std: preprocess.Stats) -> tf.Tensor:
     """The eval tensor (float32 ``[size, size, 3]``, normalised) of one image.
 
-    `image`: uint8 ``[h, w, c]``, or for "inception" also encoded bytes (a
-    scalar ``tf.string``).
+    `image`: uint8 ``[h, w, c]`` or encoded bytes (a scalar ``tf.string``: JPEG,
+    PNG, GIF, BMP).
     """
     return preprocess.normalize(_eval_pixels(image, mode, size), mean, std)
 

@@ -12,19 +12,21 @@ Parameter counts (exact, from the architecture; asserted in tests/test_models_ex
 model                     100 classes     1000 classes
 ========================  ==============  ===============
 ``resnet18_cifar``        11,220,132      11,681,832
-``shufflenet_v2_x0_5``    444,292         1,366,792
+``shufflenet_v2_x0_5``    448,268         1,370,768
 ``densenet121_cifar``     7,048,548       7,971,048
 ========================  ==============  ===============
 
 Shared conventions:
 
-* every conv pads ``(k - 1) // 2`` on each side (PyTorch ``padding=(k-1)//2``) and has
-  no bias (each one feeds a BatchNorm);
+* every conv pads ``(k - 1) // 2`` on each side (PyTorch ``padding=(k-1)//2``); ResNet's
+  and DenseNet's convs have no bias (each one feeds a BatchNorm), ShuffleNetV2's have one,
+  as in the release;
 * BatchNorm (`layers.BatchNorm`): momentum 0.9 (PyTorch 0.1), epsilon 1e-5, batch
   statistics and a ``'batch_stats'`` update in train mode, whose running variance is
   PyTorch's unbiased one;
 * initialisation is PyTorch's default, as the release uses it: conv and Dense kernels
-  ``U(-1/sqrt(fan_in), 1/sqrt(fan_in))``, Dense bias likewise, BN scale 1 / bias 0;
+  ``U(-1/sqrt(fan_in), 1/sqrt(fan_in))``, Dense and conv biases likewise, BN scale 1 /
+  bias 0;
 * ``dropout_rate`` (default 0: none of these architectures has dropout) adds dropout
   before the classifier when > 0; it exists so every registered model accepts the
   training loop's ``dropout_rate`` override.
@@ -40,7 +42,6 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from skipnet_jax.models import register_model
 from skipnet_jax.models.layers import (
     BN_EPSILON,
     BN_MOMENTUM,
@@ -49,7 +50,8 @@ from skipnet_jax.models.layers import (
     check_images,
     global_avg_pool,
 )
-from skipnet_jax.models.torch_compat import torch_padding
+from skipnet_jax.models.registry import register_model
+from skipnet_jax.models.torch_compat import pair, torch_padding
 
 Array = jax.Array
 Dtype = Any
@@ -185,30 +187,48 @@ def channel_shuffle(x: Array, groups: int = 2) -> Array:
     return x.reshape(*lead, c)
 
 
+class _BiasedDepthwise(DepthwiseConv):
+    """`DepthwiseConv` plus a per-channel ``bias`` (PyTorch's ``Conv2d(..., groups=C)``
+    default ``bias=True``), initialised ``U(-1/sqrt(k*k), 1/sqrt(k*k))`` as PyTorch does."""
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        y = super().__call__(x)
+        kh, kw = pair(self.kernel_size)
+        bias = self.param("bias", _torch_default_bias_init(kh * kw), (x.shape[-1],), self.param_dtype)
+        return y + bias.astype(y.dtype)
+
+
 class ShuffleNetV2Cifar(_Common):
-    """ShuffleNetV2 (Ma et al. 2018) with a CIFAR stem; defaults are the 0.5x model.
+    """The release's ShuffleNetV2 (Ma et al. 2018 units, CIFAR stem); defaults are 0.5x.
 
-    The units are the paper's (and torchvision's) layout; only the stem differs: the
-    release's 3x3 conv **stride 1** (3 -> 24) and BN, with **no ReLU** and **no
-    max-pool**, so a 32 px input reaches the stages at 32x32 and conv5 at 4x4.
+    Layer for layer the bias-loss release's ``ShuffleNetV2(ratio=0.5)``: 448,268
+    parameters at 100 classes.  Every convolution (stem, 1x1, depthwise, conv5) has a
+    bias, PyTorch's default ``bias=True`` that the release keeps although each one feeds
+    a BatchNorm; the biases are trained (and weight-decayed) parameters like any other.
 
+    * Stem: 3x3 conv **stride 1** (3 -> 24) and BN, with **no ReLU** and **no
+      max-pool**, so a 32 px input reaches the stages at 32x32 and conv5 at 4x4.
     * Stages 2-4 have ``stages_repeats`` = (4, 8, 4) units with out widths 48, 96, 192
       (``stages_out_channels[1:4]``); each stage starts with a stride-2 unit.
-    * Stride-2 unit (``b = out / 2``): left branch 3x3 depthwise stride 2 BN, 1x1 conv
-      (in -> b) BN ReLU; right branch 1x1 conv (in -> b) BN ReLU, 3x3 depthwise stride 2
-      BN, 1x1 conv (b -> b) BN ReLU; concatenate [left, right]; channel shuffle (2 groups).
-    * Stride-1 unit: split the channels in halves [x1, x2]; the right branch (as above,
-      stride 1, b -> b) runs on x2; concatenate [x1, right(x2)]; channel shuffle.
+    * Stride-2 unit (input width ``c``, ``b = out / 2``): left branch 3x3 depthwise
+      stride 2 BN, 1x1 conv (c -> b) BN ReLU; right branch 1x1 conv (c -> c) BN ReLU,
+      3x3 depthwise stride 2 BN, 1x1 conv (c -> b) BN ReLU; concatenate [left, right];
+      channel shuffle (2 groups).  (The right branch's hidden width is the input width
+      ``c``, as in the release; torchvision uses ``b``.  At 0.5x, ``c == b`` in every
+      stride-2 unit, so both layouts have the same shapes.)
+    * Stride-1 unit: split the channels in halves [x1, x2]; a right branch (1x1 conv BN
+      ReLU, 3x3 depthwise BN, 1x1 conv BN ReLU, all b wide) runs on x2; concatenate
+      [x1, right(x2)]; channel shuffle.
     * conv5: 1x1 conv (192 -> 1024) BN ReLU -> global average pool -> Dense.
 
     ``aux``: ``stem``, ``stage2`` .. ``stage4``, ``features`` (conv5 output: 4x4x1024 at
     32 px, what bias loss uses) and ``embedding`` (N, 1024).
 
-    Note: the release's ``shufflenetv2`` model file has a different unit (its stride-2
-    right branch keeps ``in`` channels up to the last 1x1, every conv has a bias) and
-    its factory builds the 1.0x widths (24, 116, 232, 464, 1024)
-    although the release table says 0.5x; pass ``stages_out_channels`` to build other
-    widths.
+    The release's factory builds its 1.0x widths (24, 116, 232, 464, 1024) although its
+    table says 0.5x; ``stages_out_channels`` builds those (or any even widths).
+    `skipnet_jax.models.shufflenet_torch_keys` maps the release's state-dict names to
+    these variables.
     """
 
     stages_repeats: Sequence[int] = (4, 8, 4)
@@ -222,20 +242,34 @@ class ShuffleNetV2Cifar(_Common):
             raise ValueError("stages_out_channels needs len(stages_repeats) + 2 entries")
         aux: dict[str, Array] = {}
         x = jnp.asarray(images, self.dtype)
-        x = self._conv(self.stages_out_channels[0], 3, name="stem_conv")(x)
+        x = self._biased_conv(x, self.stages_out_channels[0], 3, name="stem_conv")
         x = self._bn(train, name="stem_bn")(x)  # no ReLU: the release's stem is conv + BN
         aux["stem"] = x
         for s, (repeats, out) in enumerate(zip(self.stages_repeats, self.stages_out_channels[1:-1])):
             for u in range(repeats):
                 x = self._unit(x, out, 2 if u == 0 else 1, train, f"stage{s + 2}_unit{u}")
             aux[f"stage{s + 2}"] = x
-        x = self._conv(self.stages_out_channels[-1], 1, name="conv5_conv")(x)
+        x = self._biased_conv(x, self.stages_out_channels[-1], 1, name="conv5_conv")
         x = nn.relu(self._bn(train, name="conv5_bn")(x))
         aux["features"] = x
         return self._classify(x, train, aux), aux
 
+    def _biased_conv(self, x: Array, features: int, kernel: int, name: str) -> Array:
+        """Conv (stride 1, PyTorch padding) with PyTorch's default bias and its init."""
+        return nn.Conv(
+            features,
+            (kernel, kernel),
+            padding=torch_padding(kernel),
+            use_bias=True,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            kernel_init=torch_default_kernel_init,
+            bias_init=_torch_default_bias_init(x.shape[-1] * kernel * kernel),
+            name=name,
+        )(x)
+
     def _depthwise(self, x: Array, strides: int, name: str) -> Array:
-        return DepthwiseConv(
+        return _BiasedDepthwise(
             kernel_size=3,
             strides=strides,
             impl=self.depthwise_impl,
@@ -245,12 +279,12 @@ class ShuffleNetV2Cifar(_Common):
             name=name,
         )(x)
 
-    def _branch(self, x: Array, width: int, strides: int, train: bool, name: str) -> Array:
-        x = self._conv(width, 1, name=f"{name}_conv1")(x)
+    def _branch(self, x: Array, hidden: int, width: int, strides: int, train: bool, name: str) -> Array:
+        x = self._biased_conv(x, hidden, 1, name=f"{name}_conv1")
         x = nn.relu(self._bn(train, name=f"{name}_bn1")(x))
         x = self._depthwise(x, strides, name=f"{name}_dw")
         x = self._bn(train, name=f"{name}_bn2")(x)
-        x = self._conv(width, 1, name=f"{name}_conv2")(x)
+        x = self._biased_conv(x, width, 1, name=f"{name}_conv2")
         return nn.relu(self._bn(train, name=f"{name}_bn3")(x))
 
     def _unit(self, x: Array, out: int, strides: int, train: bool, name: str) -> Array:
@@ -261,13 +295,13 @@ class ShuffleNetV2Cifar(_Common):
             if x.shape[-1] != out:
                 raise ValueError(f"stride-1 unit needs in == out, got {x.shape[-1]} != {out}")
             left, right = jnp.split(x, 2, axis=-1)
-            right = self._branch(right, b, 1, train, f"{name}_right")
+            right = self._branch(right, b, b, 1, train, f"{name}_right")
         else:
             left = self._depthwise(x, strides, name=f"{name}_left_dw")
             left = self._bn(train, name=f"{name}_left_bn1")(left)
-            left = self._conv(b, 1, name=f"{name}_left_conv")(left)
+            left = self._biased_conv(left, b, 1, name=f"{name}_left_conv")
             left = nn.relu(self._bn(train, name=f"{name}_left_bn2")(left))
-            right = self._branch(x, b, strides, train, f"{name}_right")
+            right = self._branch(x, x.shape[-1], b, strides, train, f"{name}_right")
         return channel_shuffle(jnp.concatenate([left, right], axis=-1), 2)
 
 
@@ -343,7 +377,7 @@ def resnet18_cifar(*, num_classes: int = 100) -> ResNetCifar:
 
 @register_model("shufflenet_v2_x0_5")
 def shufflenet_v2_x0_5(*, num_classes: int = 100) -> ShuffleNetV2Cifar:
-    """ShuffleNetV2 0.5x, CIFAR stem (444,292 params at 100 classes)."""
+    """ShuffleNetV2 0.5x, CIFAR stem: the release's model (448,268 params at 100 classes)."""
     return ShuffleNetV2Cifar(num_classes=num_classes)
 
 

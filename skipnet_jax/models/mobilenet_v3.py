@@ -35,9 +35,9 @@ from typing import NamedTuple
 import jax
 from flax import linen as nn
 
-from skipnet_jax.models import register_model
 from skipnet_jax.models.layers import InvertedResidual, check_images
 from skipnet_jax.models.mobile_base import CLASSIFIER_HIDDEN, HS, RE, MobileBase
+from skipnet_jax.models.registry import register_model
 
 Array = jax.Array
 

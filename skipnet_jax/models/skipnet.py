@@ -29,9 +29,9 @@ from typing import Any, NamedTuple
 import jax
 from flax import linen as nn
 
-from skipnet_jax.models import register_model
 from skipnet_jax.models.layers import InvertedResidual, check_images, make_divisible
 from skipnet_jax.models.mobile_base import CLASSIFIER_HIDDEN, HS, RE, MobileBase
+from skipnet_jax.models.registry import register_model
 from skipnet_jax.models.torch_compat import adaptive_avg_pool
 
 Array = jax.Array

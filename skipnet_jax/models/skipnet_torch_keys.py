@@ -9,7 +9,8 @@ inverse.  XS/S/M/L have the same names (only the widths differ).
 Per layer kind, a torch entry maps to (under ``params`` or ``batch_stats``):
 
 * conv ``weight`` (OIHW; depthwise ``(C, 1, k, k)``) -> ``<path>/kernel`` (HWIO; depthwise
-  ``(k, k, 1, C)``), layout ``"conv"``: ``transpose(2, 3, 1, 0)``;
+  ``(k, k, 1, C)``), layout ``"conv"``: ``transpose(2, 3, 1, 0)``; a conv ``bias`` (none in
+  SkipNet; kind ``CONV_WITH_BIAS``) -> ``<path>/bias``;
 * BN ``weight`` / ``bias`` -> ``<path>/scale`` / ``<path>/bias``, ``running_mean`` /
   ``running_var`` -> ``batch_stats`` ``<path>/mean`` / ``<path>/var``; ``num_batches_tracked``
   has no counterpart (`torch_key_to_flax_path` returns None for it);
@@ -27,7 +28,12 @@ import numpy as np
 from skipnet_jax.models.skipnet import STAGE_CONFIGS, block_name
 
 __all__ = [
+    "BN",
+    "CONV",
+    "CONV_WITH_BIAS",
     "FLAX_TO_TORCH",
+    "LEAVES",
+    "LINEAR",
     "TORCH_TO_FLAX",
     "TorchKeyTarget",
     "flax_path_to_torch_key",
@@ -50,11 +56,13 @@ class TorchKeyTarget(NamedTuple):
     layout: str
 
 
-CONV, BN, LINEAR = "conv", "bn", "linear"
+CONV, CONV_WITH_BIAS, BN, LINEAR = "conv", "conv_with_bias", "bn", "linear"
 
-# Per layer kind: torch leaf name -> (collection, Flax leaf name, layout).
-_LEAVES: dict[str, dict[str, tuple[str, str, str]]] = {
+# Per layer kind: torch leaf name -> (collection, Flax leaf name, layout).  Also used by
+# the other models' key maps (`shufflenet_torch_keys`).
+LEAVES: dict[str, dict[str, tuple[str, str, str]]] = {
     CONV: {"weight": ("params", "kernel", "conv")},
+    CONV_WITH_BIAS: {"weight": ("params", "kernel", "conv"), "bias": ("params", "bias", "vector")},
     BN: {
         "weight": ("params", "scale", "vector"),
         "bias": ("params", "bias", "vector"),
@@ -117,7 +125,7 @@ def _release_layers() -> Iterator[tuple[str, tuple[str, ...], str]]:
 TORCH_TO_FLAX: dict[str, TorchKeyTarget] = {
     f"{module}.{leaf}": TorchKeyTarget(collection, (*path, flax_leaf), layout)
     for module, path, kind in _release_layers()
-    for leaf, (collection, flax_leaf, layout) in _LEAVES[kind].items()
+    for leaf, (collection, flax_leaf, layout) in LEAVES[kind].items()
 }
 # (collection, *path) of every Flax variable -> its torch entry.
 FLAX_TO_TORCH: dict[tuple[str, ...], str] = {(t.collection, *t.path): key for key, t in TORCH_TO_FLAX.items()}

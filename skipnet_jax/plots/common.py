@@ -10,10 +10,9 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from skipnet_jax.default_config import get_default_config
+from skipnet_jax import losses
 
-DEFAULT_ALPHA = get_default_config().bias_loss.alpha
-DEFAULT_BETA = get_default_config().bias_loss.beta
+DEFAULT_ALPHA, DEFAULT_BETA = losses.DEFAULT_ALPHA, losses.DEFAULT_BETA
 DPI = 110
 
 

@@ -21,6 +21,9 @@ from skipnet_jax.plots.confusion import confusion_matrix_figure
 from skipnet_jax.plots.curves import read_scalars, training_curves
 from skipnet_jax.reporting import CONFIG_FILE, EVAL_RESULTS_FILE, TENSORBOARD_SUBDIR, atomic_write
 
+# What ``python -m skipnet_jax.plots --help`` says the command does.
+DESCRIPTION = "Figures of a training run: curves, bias-loss statistics, the loss itself, confusion matrix."
+
 PLOTS_SUBDIR = "plots"
 SNAPSHOTS_FILE = "bias_snapshots.npz"
 
@@ -110,14 +113,18 @@ def save_all(
     return written
 
 
+def _define_flags(fv) -> None:
+    from absl import flags
+
+    flags.DEFINE_string("workdir", None, "training (or evaluation) workdir", flag_values=fv)
+    flags.mark_flag_as_required("workdir", flag_values=fv)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    import argparse
+    """``python -m skipnet_jax.plots --workdir DIR``: writes every figure the workdir has data for."""
+    from skipnet_jax import cli
 
-    from skipnet_jax import plots
-
-    parser = argparse.ArgumentParser(prog="python -m skipnet_jax.plots", description=plots.__doc__.split("\n\n")[0])
-    parser.add_argument("--workdir", required=True, help="training (or evaluation) workdir")
-    args = parser.parse_args(argv)
+    args = cli.parse_command_flags(_define_flags, argv, "python -m skipnet_jax.plots", DESCRIPTION)
     if not os.path.isdir(args.workdir):
         print(f"error: --workdir {args.workdir} is not a directory", file=sys.stderr)
         return 2

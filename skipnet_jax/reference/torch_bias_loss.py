@@ -56,6 +56,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from skipnet_jax.losses import DEFAULT_ALPHA, DEFAULT_BETA
+
 __all__ = ["TorchBiasLoss", "feature_variance", "z_weight"]
 
 
@@ -65,7 +67,7 @@ def feature_variance(features: torch.Tensor) -> torch.Tensor:
     return flat.var(dim=1, unbiased=True)
 
 
-def z_weight(scaled: torch.Tensor, alpha: float = 0.3, beta: float = 0.3) -> torch.Tensor:
+def z_weight(scaled: torch.Tensor, alpha: float = DEFAULT_ALPHA, beta: float = DEFAULT_BETA) -> torch.Tensor:
     """z(s) = exp(alpha * s) - beta  (0.7 at s = 0, exp(0.3) - 0.3 = 1.0499 at s = 1 by default)."""
     return torch.exp(alpha * scaled) - beta
 
@@ -83,8 +85,8 @@ class TorchBiasLoss(nn.Module):
 
     def __init__(
         self,
-        alpha: float = 0.3,
-        beta: float = 0.3,
+        alpha: float = DEFAULT_ALPHA,
+        beta: float = DEFAULT_BETA,
         normalisation_mode: str = "global",
         update_before_scaling: bool = True,
     ):
