@@ -6,6 +6,8 @@ import os
 import platform
 from typing import Any
 
+from skipnet_jax import chips
+
 # Dense (no sparsity) bf16 TFLOP/s per chip, vendor figures.  Matched in order against the
 # lower-cased jax device_kind (e.g. "NVIDIA H200", "NVIDIA H100 80GB HBM3", "TPU v5 lite"),
 # so a name that contains another ("a100" / "a10", "l40s" / "l4") comes first.
@@ -22,10 +24,8 @@ PEAK_BF16_TFLOPS: tuple[tuple[str, float], ...] = (
     ("l40s", 362.0),
     ("l40", 181.0),
     ("l4", 121.0),
-    ("tpu v6 lite", 918.0),
-    ("tpu v5 lite", 197.0),
-    ("tpu v5", 459.0),
-    ("tpu v4", 275.0),
+    # TPUs: the published figures of `skipnet_jax.chips`, "tpu v5 lite" before "tpu v5"
+    *((c.device_kind, c.bf16_flops / 1e12) for c in sorted(chips.TPU_CHIPS, key=lambda c: -len(c.device_kind))),
 )
 
 
