@@ -57,10 +57,11 @@ def num_classes_of(config) -> int:
         return int(config.num_classes)
     from skipnet_jax.data import datasets, pipeline
 
+    data_config = datasets.complete(config)
     try:
-        return pipeline.get_dataset_info(config).num_classes
+        return pipeline.get_dataset_info(data_config).num_classes
     except pipeline.DataNotFoundError:
-        return int(datasets.tfds_builder(datasets.complete(config)).info.features["label"].num_classes)
+        return int(datasets.tfds_builder(data_config).info.features["label"].num_classes)
 
 
 def plan_slice(config, topology: str, num_classes: int, global_batch: int, find_max_batch: bool) -> dict:
