@@ -109,8 +109,8 @@ def _main(data_dir, workdir, steps, devices=1):
     return _start([sys.executable, "-m", "skipnet_jax.main", *_args(data_dir, workdir, steps)], _env(devices))
 
 
-def _two_processes(data_dir, workdir, steps):
-    return _start([LAUNCHER, "2", "--", *_args(data_dir, workdir, steps)], _env())
+def _two_processes(data_dir, workdir, steps, *extra):
+    return _start([LAUNCHER, "2", "--", *_args(data_dir, workdir, steps), *extra], _env())
 
 
 def _scalars(workdir):
@@ -159,7 +159,9 @@ def runs(digits_data_dir, tmp_path_factory):
     outputs = {name: _finish(job, f"{name!r} job") for name, job in jobs.items()}
     with open(os.path.join(workdirs["two"], "results.json")) as f:
         first_half = json.load(f)
-    outputs["two"] += _finish(_two_processes(digits_data_dir, workdirs["two"], STEPS), "restarted 2-process job")
+    # The restart extends the run (num_train_steps), a change resuming refuses unless allowed.
+    restart = _two_processes(digits_data_dir, workdirs["two"], STEPS, "--allow_changed_config")
+    outputs["two"] += _finish(restart, "restarted 2-process job")
     out = {name: _load(workdir) for name, workdir in workdirs.items()}
     out["two"].update(output=outputs["two"], first_half=first_half)
     out["workdirs"] = workdirs
