@@ -64,10 +64,9 @@ def num_classes_of(config) -> int:
         return int(datasets.tfds_builder(data_config).info.features["label"].num_classes)
 
 
-def plan_slice(config, topology: str, num_classes: int, global_batch: int, find_max_batch: bool) -> dict:
+def plan_slice(config, tpu: compile_plan.Slice, num_classes: int, global_batch: int, find_max_batch: bool) -> dict:
     """The plan of one slice: its facts, the train and eval steps compiled and analysed."""
-    tpu = compile_plan.tpu_slice(topology)
-    devices = len(tpu.devices)
+    topology, devices = tpu.topology, len(tpu.devices)
     for key, value in (
         ("--global_batch / config.batch_size", global_batch),
         ("eval_batch_size", config.eval_batch_size),
@@ -212,7 +211,7 @@ def main(argv):
         num_classes = FLAGS.num_classes or num_classes_of(config)
         plans = []
         for tpu in slices:
-            plans.append(plan_slice(config, tpu.topology, num_classes, int(config.batch_size), FLAGS.find_max_batch))
+            plans.append(plan_slice(config, tpu, num_classes, int(config.batch_size), FLAGS.find_max_batch))
             print(format_table(plans[-1:]), flush=True)
     except OSError as e:  # the config file is missing or failed to load (config_flags defers that error)
         cli.fail("--config: " + cli.first_line(e))
