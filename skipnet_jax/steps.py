@@ -10,6 +10,7 @@ functions over a device mesh; `skipnet_jax.train` drives them.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import flax
@@ -82,7 +83,16 @@ def create_train_state(
     model, tx: optax.GradientTransformation, seed: int | jax.Array, *, image_size: int, ema_decay: float
 ) -> TrainState:
     """Initial parameters, BN statistics and optimiser state (a pure function of the seed,
-    which may be traced); EMA copies of the weights when `ema_decay` > 0."""
+    which may be traced); EMA copies of the weights when `ema_decay` > 0.
+
+    Compiled as one program even when called eagerly: op by op, every distinct initialiser
+    and shape is a small compilation of its own (24 s for SkipNet-XS on a 2-core CPU, against
+    6 s for the one program). Under an enclosing `jax.jit` (the engine's) it is inlined."""
+    init = functools.partial(_initial_state, model, tx, image_size=image_size, ema_decay=ema_decay)
+    return jax.jit(init)(seed)
+
+
+def _initial_state(model, tx: optax.GradientTransformation, seed, *, image_size: int, ema_decay: float) -> TrainState:
     rng = jax.random.fold_in(jax.random.key(seed), _INIT_STREAM)
     images = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
     variables = model.init(rng, images, train=False)

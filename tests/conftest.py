@@ -72,8 +72,8 @@ def pytest_collection_modifyitems(config, items):
             item._nodeid = grouped
 
 
-# The suite is bound by XLA compilation on a small CPU and checks values, never speed: skip the
-# LLVM back end's expensive optimisations (about 2x faster compiles) in this process and in every
+# The suite is bound by XLA compilation on a small CPU and checks values, never speed: XLA:CPU
+# flags that trade run time for compile time (`fast_cpu_compile`) in this process and in every
 # subprocess it starts (tests that set XLA_FLAGS for a subprocess extend `XLA_FLAGS_FOR_TESTS`).
 fast_cpu_compile()
 XLA_FLAGS_FOR_TESTS = os.environ["XLA_FLAGS"]
