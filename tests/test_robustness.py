@@ -1,12 +1,18 @@
 """Never lose a run: kill -9 and SIGTERM resume exactly, corrupt checkpoints fall back, NaN stops.
 
-Every run here is the real CLI in a subprocess on the same tiny digits config, so JAX's
-persistent compilation cache (tests/conftest.py) compiles its steps once for all of them.
+What a process boundary is needed for (a signal, kill -9, the CLI's exit code and one-line
+error) runs the real CLI in a subprocess; the resumes and the reference run train in-process
+(`train.train_and_evaluate` with the config the CLI builds, bit-for-bit the same numbers: same
+XLA flags), which reuses the worker's compiled steps and pays no start-up.  JAX's persistent
+compilation cache (tests/conftest.py) compiles the subprocesses' steps once for all of them.
 """
 
+import importlib.util
 import json
+import logging
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -35,6 +41,32 @@ def _run(workdir, data_dir, *extra):
     return subprocess.run(
         _command(workdir, data_dir, *extra), cwd=REPO_ROOT, env=_env(), capture_output=True, text=True, timeout=600
     )
+
+
+def _cli_config(data_dir, **overrides):
+    """The config `_command(..., "--config.KEY=VALUE" for overrides)` gives the CLI."""
+    spec = importlib.util.spec_from_file_location("_digits_config", os.path.join(REPO_ROOT, "configs", "digits.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config()
+    config.update(
+        model="skipnet_xs", image_size=32, batch_size=32, eval_batch_size=100, num_train_steps=STEPS,
+        checkpoint_every_steps=3, log_every_steps=1, learning_rate=0.001, data_dir=data_dir,
+    )  # fmt: skip
+    config.update(overrides)
+    return config
+
+
+def _train_in_process(workdir, data_dir, caplog, *, allow_changed_config=False, **overrides):
+    """The CLI's run (`_run(workdir, data_dir, "--config.KEY=VALUE"...)`) in this process: returns
+    what it logged (the CLI's stderr lines) once it finished; a failure raises."""
+    from skipnet_jax import train
+
+    caplog.clear()
+    with caplog.at_level(logging.INFO), caplog.at_level(logging.INFO, logger="absl"):
+        config = _cli_config(str(data_dir), **overrides)
+        train.train_and_evaluate(config, str(workdir), allow_changed_config=allow_changed_config)
+    return "\n".join(record.getMessage() for record in caplog.records)
 
 
 def _run_until_step_then_signal(workdir, data_dir, step, sig):
@@ -67,14 +99,21 @@ def _steps_saved(workdir):
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(digits_data_dir, tmp_path_factory):
+def uninterrupted_workdir(digits_data_dir, tmp_path_factory):
+    """The run from scratch to STEPS without a stop (in-process; the same numbers as the CLI's)."""
+    from skipnet_jax import train
+
     workdir = tmp_path_factory.mktemp("uninterrupted")
-    result = _run(workdir, digits_data_dir)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return _results(workdir)
+    train.train_and_evaluate(_cli_config(digits_data_dir), str(workdir))
+    return workdir
 
 
-def test_kill_9_at_a_random_step_then_restart_is_identical(uninterrupted, digits_data_dir, tmp_path):
+@pytest.fixture(scope="module")
+def uninterrupted(uninterrupted_workdir):
+    return _results(uninterrupted_workdir)
+
+
+def test_kill_9_at_a_random_step_then_restart_is_identical(uninterrupted, digits_data_dir, tmp_path, caplog):
     kill_at = random.Random().randint(4, STEPS - 1)
     code, log = _run_until_step_then_signal(tmp_path, digits_data_dir, kill_at, signal.SIGKILL)
     assert code == -signal.SIGKILL, f"run ended before the kill at step {kill_at}:\n{log[-2000:]}"
@@ -82,27 +121,27 @@ def test_kill_9_at_a_random_step_then_restart_is_identical(uninterrupted, digits
     # Checkpoints are written asynchronously: the kill may land before the first one is
     # finalised (then the restart begins from scratch) or in the middle of a save.
     finalised = _steps_saved(tmp_path) if (tmp_path / "checkpoints").is_dir() else []
-    result = _run(tmp_path, digits_data_dir)
-    assert result.returncode == 0, result.stderr[-3000:]
+    log = _train_in_process(tmp_path, digits_data_dir, caplog)  # the restart; raises unless it finishes
     if finalised:
-        assert f"at step {finalised[-1]}" in result.stderr and "Resumed from" in result.stderr
+        assert f"at step {finalised[-1]}" in log and "Resumed from" in log
     assert _results(tmp_path) == uninterrupted, f"killed at step {kill_at}, checkpoints {finalised}"
 
 
-def test_sigterm_saves_exits_zero_and_resumes(uninterrupted, digits_data_dir, tmp_path):
+def test_sigterm_saves_exits_zero_and_resumes(uninterrupted, digits_data_dir, tmp_path, caplog):
     code, log = _run_until_step_then_signal(tmp_path, digits_data_dir, 5, signal.SIGTERM)
     assert code == 0, log[-3000:]
     assert "Preempted: checkpoint at step" in log
     saved = _steps_saved(tmp_path)
     assert saved and 5 <= saved[-1] < STEPS
     assert not (tmp_path / "results.json").exists()
-    result = _run(tmp_path, digits_data_dir)
-    assert result.returncode == 0, result.stderr[-3000:]
+    _train_in_process(tmp_path, digits_data_dir, caplog)  # the resume; raises unless it finishes
     assert _results(tmp_path) == uninterrupted
 
 
-def test_truncated_latest_checkpoint_falls_back_to_previous(uninterrupted, digits_data_dir, tmp_path):
-    assert _run(tmp_path, digits_data_dir).returncode == 0
+def test_truncated_latest_checkpoint_falls_back_to_previous(
+    uninterrupted_workdir, uninterrupted, digits_data_dir, tmp_path, caplog
+):
+    shutil.copytree(uninterrupted_workdir, tmp_path, dirs_exist_ok=True)  # a finished run (the fixture asserted it)
     os.remove(tmp_path / "results.json")
     latest = tmp_path / "checkpoints" / str(STEPS)
     victims = sorted(
@@ -110,9 +149,8 @@ def test_truncated_latest_checkpoint_falls_back_to_previous(uninterrupted, digit
     )
     with open(victims[0], "r+b") as f:
         f.truncate(victims[0].stat().st_size // 2)
-    result = _run(tmp_path, digits_data_dir)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert f"{latest} is unreadable" in result.stderr
+    log = _train_in_process(tmp_path, digits_data_dir, caplog)  # raises unless it finishes
+    assert f"{latest} is unreadable" in log
     assert (tmp_path / "checkpoints" / f"{STEPS}.corrupt").is_dir()  # kept for inspection, not deleted
     assert _results(tmp_path) == uninterrupted
 
@@ -132,8 +170,8 @@ def test_nan_stops_with_the_step_and_keeps_the_last_checkpoint(digits_data_dir, 
     assert not (tmp_path / "results.json").exists()
 
 
-def test_checkpoint_of_another_model_is_refused(digits_data_dir, tmp_path):
-    assert _run(tmp_path, digits_data_dir, "--config.num_train_steps=3").returncode == 0
+def test_checkpoint_of_another_model_is_refused(digits_data_dir, tmp_path, caplog):
+    _train_in_process(tmp_path, digits_data_dir, caplog, num_train_steps=3)  # raises unless it finishes
     before = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
     saved_config = (tmp_path / "config.json").read_bytes()
     result = _run(tmp_path, digits_data_dir, "--config.model=skipnet_s")
@@ -146,7 +184,7 @@ def test_checkpoint_of_another_model_is_refused(digits_data_dir, tmp_path):
     assert (tmp_path / "config.json").read_bytes() == saved_config  # the run's own config, for evaluate
 
 
-def test_ctrl_c_saves_exits_130_quietly_and_resumes(uninterrupted, digits_data_dir, tmp_path):
+def test_ctrl_c_saves_exits_130_quietly_and_resumes(uninterrupted, digits_data_dir, tmp_path, caplog):
     code, log = _run_until_step_then_signal(tmp_path, digits_data_dir, 5, signal.SIGINT)
     assert code == 130, log[-3000:]
     assert "Traceback" not in log and "Exception" not in log, log[-3000:]
@@ -154,13 +192,12 @@ def test_ctrl_c_saves_exits_130_quietly_and_resumes(uninterrupted, digits_data_d
     saved = _steps_saved(tmp_path)
     assert saved and 5 <= saved[-1] < STEPS
     assert not any("tmp" in name for name in os.listdir(tmp_path / "checkpoints"))  # the save was finished
-    result = _run(tmp_path, digits_data_dir)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert f"at step {saved[-1]}" in result.stderr
+    log = _train_in_process(tmp_path, digits_data_dir, caplog)  # the resume; raises unless it finishes
+    assert f"at step {saved[-1]}" in log
     assert _results(tmp_path) == uninterrupted
 
 
-def test_exploding_weights_stop_before_any_checkpoint_holds_them(digits_data_dir, tmp_path):
+def test_exploding_weights_stop_before_any_checkpoint_holds_them(digits_data_dir, tmp_path, caplog):
     # Warm-up from 0: step 0 trains at lr 0 and is checkpointed; the next one would blow the
     # weights up to ~1e29 while staying finite, so only a bound on the weights can catch it.
     diverging = ("--config.optimizer=sgd", "--config.learning_rate=1e30", "--config.loss=ce",
@@ -173,11 +210,9 @@ def test_exploding_weights_stop_before_any_checkpoint_holds_them(digits_data_dir
     assert "--config.learning_rate" in line
     # Resuming it with a sane learning rate (allowed explicitly) finishes: the checkpoint holds usable weights.
     assert "--allow_changed_config" in line
-    result = _run(
-        tmp_path, digits_data_dir, "--config.optimizer=sgd", "--config.learning_rate=0.01", "--config.loss=ce",
-        "--allow_changed_config",
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert f"at step {last_good}" in result.stderr
+    log = _train_in_process(
+        tmp_path, digits_data_dir, caplog, optimizer="sgd", learning_rate=0.01, loss="ce", allow_changed_config=True
+    )  # raises unless it finishes
+    assert f"at step {last_good}" in log
     with open(tmp_path / "results.json") as f:
         assert json.load(f)["train_loss"] < 10
