@@ -184,6 +184,11 @@ def format_table(plans: list[dict]) -> str:
                 f"{s['compile_s']:>9.0f} {roof['step_s'] * 1e3:>11.1f} {roof['examples_per_sec']:>10.0f} "
                 f"{roof['bound']:<7}"
             )
+        moved = plan["train"]["traffic"]
+        lines.append(
+            f"{'':<10} train bytes by source (HLO instructions, GB per device, {moved['bytes'] / 1e9:.1f} in all): "
+            + ", ".join(f"{c['category']} {c['bytes'] / 1e9:.1f}" for c in moved["categories"][:6])
+        )
         host = plan["per_host"]
         lines.append(
             f"{'':<10} per host: {host['chips']} chips, train batch {host['train_batch']}, "

@@ -70,6 +70,7 @@ def test_plan_command_compiles_a_v5e_slice_and_its_step_communicates_only_reduct
     assert memory["temp_size_in_bytes"] > 0 and memory["argument_size_in_bytes"] > 0
     assert train["flops_per_chip"] > 0 and train["bytes_accessed_per_chip"] > 0
     assert train["roofline"]["examples_per_sec"] == pytest.approx(256 / train["roofline"]["step_s"])
+    assert train["traffic"]["bytes"] > 0 and train["traffic"]["categories"] and train["traffic"]["top"]
 
     # Data parallelism with replicated weights needs reductions only: the gradients, every
     # BatchNorm's statistics over the global batch (forward mean and variance, backward
@@ -95,3 +96,37 @@ def test_plan_refuses_an_unknown_generation_in_one_line():
     assert result.returncode == 2
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("error: --topology='v9z:2x2'") and "v5e" in last, result.stderr[-2000:]
+
+
+_HLO = """HloModule jit_step, entry_computation_layout={(bf16[8,4]{1,0})->f32[8,4]{1,0}}
+
+%fused_computation (param_0: bf16[8,4]) -> f32[8,4] {
+  %param_0 = bf16[8,4]{1,0} parameter(0)
+  ROOT %convert.1 = f32[8,4]{1,0} convert(bf16[8,4]{1,0} %param_0)
+}
+
+%add (x: f32[], y: f32[]) -> f32[] {
+  %x = f32[] parameter(0)
+  %y = f32[] parameter(1)
+  ROOT %add.1 = f32[] add(f32[] %x, f32[] %y)
+}
+
+ENTRY %main (p0: bf16[8,4]) -> f32[8,4] {
+  %p0 = bf16[8,4]{1,0} parameter(0)
+  %fusion = f32[8,4]{1,0} fusion(bf16[8,4]{1,0} %p0), kind=kLoop, calls=%fused_computation, metadata={op_name="jit(f)/jvp(SkipNet)/stage1/block0/bn/mul"}
+  %all-reduce = f32[8,4]{1,0} all-reduce(f32[8,4]{1,0} %fusion), to_apply=%add, metadata={op_name="jit(f)/psum"}
+  %convolution = f32[8,4]{1,0} convolution(f32[8,4]{1,0} %all-reduce, f32[8,4]{1,0} %all-reduce), dim_labels=bf_io->bf, feature_group_count=4, metadata={op_name="jit(f)/transpose(jvp(SkipNet))/conv/conv_general_dilated"}
+  ROOT %copy = f32[8,4]{1,0} copy(f32[8,4]{1,0} %convolution)
+}
+"""
+
+
+def test_traffic_counts_top_level_instructions_once_by_category():
+    found = compile_plan.traffic(_HLO, top=2)
+    # fusion 64 + 128, all-reduce 128 + 128, depthwise 3 * 128, copy 128 + 128: the fused
+    # computation's convert and the reducer's add are not counted again.
+    assert found["bytes"] == 192 + 256 + 384 + 256
+    assert {c["category"]: c["bytes"] for c in found["categories"]} == {
+        "BatchNorm normalise": 192, "collectives": 256, "depthwise bwd": 384, "converts/copies": 256,
+    }  # fmt: skip
+    assert [i["name"] for i in found["top"]] == ["convolution", "all-reduce"]

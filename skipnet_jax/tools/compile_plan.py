@@ -165,7 +165,8 @@ def analyse(compiled, tpu: Slice, per_chip_batch: int) -> dict:
     hbm_per_device = tpu.chip.hbm_bytes / per_chip
     compute_s, memory_s = flops / tpu.chip.bf16_flops, traffic / tpu.chip.hbm_bytes_per_sec
     step_s = max(compute_s, memory_s)
-    found = collectives(compiled.as_text())
+    hlo_text = compiled.as_text()
+    found = collectives(hlo_text)
     return {
         "memory_per_device": mem | {"needed_bytes": needed, "hbm_bytes": hbm_per_device},
         "fits": needed <= hbm_per_device,
@@ -174,6 +175,7 @@ def analyse(compiled, tpu: Slice, per_chip_batch: int) -> dict:
         "bytes_accessed_per_chip": traffic,
         "collectives": collective_summary(found),
         "collective_sources": collective_sources(found),
+        "traffic": traffic(hlo_text),
         "roofline": {
             "compute_s": compute_s,
             "memory_s": memory_s,
@@ -181,6 +183,94 @@ def analyse(compiled, tpu: Slice, per_chip_batch: int) -> dict:
             "bound": "memory" if memory_s >= compute_s else "compute",
             "examples_per_sec": per_chip_batch / step_s if step_s > 0 else None,
         },
+    }
+
+
+# Instructions that move no bytes of their own (names, views, control flow's carriers).
+_NO_TRAFFIC = ("parameter", "constant", "get-tuple-element", "tuple", "bitcast", "after-all", "partition-id",
+               "replica-id", "while", "conditional", "call", "opt-barrier")  # fmt: skip
+_COMPUTATION = re.compile(r"^(?P<entry>ENTRY )?%?(?P<name>[\w.\-]+) .*\{\s*$")
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%?(?P<name>[\w.\-]+) = ")
+_FUSION_CALLS = re.compile(r"\b(?:calls|to_apply)=%?([\w.\-]+)")
+
+
+def _balanced(text: str, start: int) -> int:
+    """The index just past the parenthesis group opening at ``text[start]``."""
+    depth = 0
+    for i in range(start, len(text)):
+        depth += {"(": 1, ")": -1}.get(text[i], 0)
+        if depth == 0:
+            return i + 1
+    return len(text)
+
+
+def traffic_category(opcode: str, op_name: str, line: str = "") -> str:
+    """The source of one instruction's traffic, from its opcode and ``op_name`` metadata."""
+    name = op_name.lower()
+    if opcode in ("copy", "copy-start", "convert", "transpose"):
+        return "converts/copies"
+    if any(opcode.startswith(c) for c in COLLECTIVES):
+        return "collectives"
+    if "conv_general_dilated" in name or opcode == "convolution":
+        depthwise = re.search(r"feature_group_count=(\d+)", line)
+        kind = "depthwise" if depthwise and int(depthwise[1]) > 1 else "convolution"
+        return f"{kind} bwd" if "transpose(" in name else f"{kind} fwd"
+    if "bias_loss" in name or "loss" in name.split("/")[-2:-1]:
+        return "bias loss"
+    if any(k in name for k in ("optax", "optimizer", "update", "sgd", "momentum", "apply_gradients")):
+        return "optimiser update"
+    if "/bn" in name or "batchnorm" in name or "batch_norm" in name:
+        if any(k in name for k in ("reduce", "mean", "var", "square")):
+            return "BatchNorm statistics"
+        return "BatchNorm normalise"
+    if any(k in name for k in ("relu", "max", "gate", "sigmoid", "tanh")):
+        return "activation/gates"
+    if not name:
+        return "(no metadata)"
+    return "other"
+
+
+def traffic(hlo_text: str, top: int = 10) -> dict:
+    """Bytes moved per step, attributed: each top-level instruction of the entry and of
+    the non-fusion computations it calls (while bodies, branches) counts its operands
+    and its result; a fusion counts once, its internals not at all.  Returns the total,
+    the bytes by category (largest first) and the ``top`` largest instructions."""
+    lines = hlo_text.splitlines()
+    fused = {m for line in lines if " fusion(" in line or "to_apply=" in line for m in _FUSION_CALLS.findall(line)}
+    by_category: collections.Counter = collections.Counter()
+    instructions = []
+    current = None
+    for line in lines:
+        header = _COMPUTATION.match(line)
+        if header and " = " not in line:
+            current = header["name"]
+            continue
+        match = _INSTRUCTION.match(line)
+        if match is None or current is None or current in fused:
+            continue
+        rest = line[match.end() :]
+        type_end = _balanced(rest, 0) if rest.startswith("(") else rest.index(" ")
+        result_type = rest[:type_end]
+        call = re.match(r"\s*([a-z][\w\-]*)\(", rest[type_end:])
+        if call is None:
+            continue
+        opcode = call[1]
+        if opcode in _NO_TRAFFIC or opcode.endswith("-done"):
+            continue
+        args_start = type_end + call.end() - 1
+        operands = rest[args_start : _balanced(rest, args_start)]
+        moved = _type_bytes(result_type) + _type_bytes(operands)
+        op_name = _OP_NAME.search(line)
+        op_name = op_name[1] if op_name else ""
+        category = traffic_category(opcode, op_name, line)
+        by_category[category] += moved
+        instructions.append({"name": match["name"], "opcode": opcode, "bytes": moved, "category": category,
+                             "op_name": op_name})  # fmt: skip
+    instructions.sort(key=lambda i: -i["bytes"])
+    return {
+        "bytes": sum(by_category.values()),
+        "categories": [{"category": c, "bytes": b} for c, b in by_category.most_common()],
+        "top": instructions[:top],
     }
 
 
