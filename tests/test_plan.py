@@ -130,3 +130,34 @@ def test_traffic_counts_top_level_instructions_once_by_category():
         "BatchNorm normalise": 192, "collectives": 256, "depthwise bwd": 384, "converts/copies": 256,
     }  # fmt: skip
     assert [i["name"] for i in found["top"]] == ["convolution", "all-reduce"]
+
+
+# Compiled TPU HLO: operands named without types, an asynchronous copy between memories, a
+# fusion without metadata named by its fused convolution, a ConcatBitcast that moves nothing.
+_TPU_HLO = """HloModule jit_step
+
+%fused_conv (param_0: bf16[8,4], param_1: bf16[1,4]) -> bf16[8,4] {
+  %param_0 = bf16[8,4]{1,0} parameter(0)
+  %param_1 = bf16[1,4]{1,0} parameter(1)
+  ROOT %convolution.3 = bf16[8,4]{1,0} convolution(%param_0, %param_1), feature_group_count=4, metadata={op_name="jit(f)/jvp(SkipNet)/dw/conv/conv_general_dilated"}
+}
+
+ENTRY %main (p0: bf16[8,4], p1: bf16[1,4]) -> bf16[8,4] {
+  %p0 = bf16[8,4]{1,0} parameter(0)
+  %p1 = bf16[1,4]{1,0} parameter(1)
+  %copy-start = (bf16[8,4]{1,0:S(1)}, bf16[8,4]{1,0}, u32[]{:S(2)}) copy-start(%p0)
+  %copy-done = bf16[8,4]{1,0:S(1)} copy-done(%copy-start)
+  %fusion.1 = bf16[8,4]{1,0} fusion(%copy-done, %p1), kind=kOutput, calls=%fused_conv
+  %custom-call.1 = bf16[8,4]{1,0} custom-call(%fusion.1), custom_call_target="ConcatBitcast"
+  ROOT %copy = bf16[8,4]{1,0} copy(%custom-call.1)
+}
+"""
+
+
+def test_traffic_of_compiled_tpu_hlo_looks_operands_up_by_name():
+    found = compile_plan.traffic(_TPU_HLO)
+    # copy-done 2 * 64, the fusion 64 + 64 + 8 (depthwise, by its convolution), copy 64 + 64.
+    assert {c["category"]: c["bytes"] for c in found["categories"]} == {
+        "async copies/slices": 128, "depthwise fwd": 136, "converts/copies": 128,
+    }  # fmt: skip
+    assert found["bytes"] == 392

@@ -207,7 +207,9 @@ def _balanced(text: str, start: int) -> int:
 def traffic_category(opcode: str, op_name: str, line: str = "") -> str:
     """The source of one instruction's traffic, from its opcode and ``op_name`` metadata."""
     name = op_name.lower()
-    if opcode in ("copy", "copy-start", "convert", "transpose"):
+    if opcode in ("copy-done", "slice-done"):
+        return "async copies/slices"
+    if opcode in ("copy", "convert", "transpose"):
         return "converts/copies"
     if any(opcode.startswith(c) for c in COLLECTIVES):
         return "collectives"
@@ -230,42 +232,93 @@ def traffic_category(opcode: str, op_name: str, line: str = "") -> str:
     return "other"
 
 
-def traffic(hlo_text: str, top: int = 10) -> dict:
-    """Bytes moved per step, attributed: each top-level instruction of the entry and of
-    the non-fusion computations it calls (while bodies, branches) counts its operands
-    and its result; a fusion counts once, its internals not at all.  Returns the total,
-    the bytes by category (largest first) and the ``top`` largest instructions."""
-    lines = hlo_text.splitlines()
-    fused = {m for line in lines if " fusion(" in line or "to_apply=" in line for m in _FUSION_CALLS.findall(line)}
-    by_category: collections.Counter = collections.Counter()
-    instructions = []
+def _computations(lines: list[str]) -> dict[str, list[str]]:
+    """The instruction lines of each computation, by computation name."""
+    found: dict[str, list[str]] = {}
     current = None
     for line in lines:
         header = _COMPUTATION.match(line)
         if header and " = " not in line:
-            current = header["name"]
+            current = found.setdefault(header["name"], [])
+        elif current is not None and _INSTRUCTION.match(line):
+            current.append(line)
+    return found
+
+
+def _split_instruction(line: str) -> tuple[str, str, str, str] | None:
+    """(name, result type, opcode, operand list) of one instruction line, or None."""
+    match = _INSTRUCTION.match(line)
+    if match is None:
+        return None
+    rest = line[match.end() :]
+    type_end = _balanced(rest, 0) if rest.startswith("(") else rest.find(" ")
+    call = re.match(r"\s*([a-z][\w\-]*)\(", rest[type_end:]) if type_end > 0 else None
+    if call is None:
+        return None
+    args_start = type_end + call.end() - 1
+    return match["name"], rest[:type_end], call[1], rest[args_start : _balanced(rest, args_start)]
+
+
+def traffic(hlo_text: str, top: int = 10) -> dict:
+    """Bytes moved per step, attributed: each top-level instruction of the entry and of
+    the non-fusion computations it calls (while bodies, branches) counts its operands
+    and its result; a fusion counts once, its internals not at all.  Compiled TPU HLO
+    names operands without their types, so operand sizes are looked up by name.  A
+    fusion is attributed by the ``op_name`` of its fused computation's convolution if it
+    has one (a depthwise one when its ``feature_group_count`` > 1), else of its root,
+    else its own.  Returns the total, the bytes by category (largest
+    first) and the ``top`` largest instructions."""
+    computations = _computations(hlo_text.splitlines())
+    sizes, fused, inner_name, inner_groups = {}, set(), {}, {}
+    for name, body in computations.items():
+        for line in body:
+            parts = _split_instruction(line)
+            if parts:
+                sizes[parts[0]] = _type_bytes(parts[1])
+            if " fusion(" in line or "to_apply=" in line:
+                fused.update(_FUSION_CALLS.findall(line))
+        # A convolution inside a fusion names it (the rest is fused into its input or output).
+        ordered = sorted(body, key=lambda x: (" convolution(" not in x, "ROOT " not in x))
+        named = [m[1] for m in map(_OP_NAME.search, ordered) if m]
+        inner_name[name] = named[0] if named else ""
+        groups = [int(g) for line in body for g in re.findall(r"feature_group_count=(\d+)", line)]
+        inner_groups[name] = max(groups, default=1)
+    by_category: collections.Counter = collections.Counter()
+    instructions = []
+    for computation, body in computations.items():
+        if computation in fused:
             continue
-        match = _INSTRUCTION.match(line)
-        if match is None or current is None or current in fused:
-            continue
-        rest = line[match.end() :]
-        type_end = _balanced(rest, 0) if rest.startswith("(") else rest.index(" ")
-        result_type = rest[:type_end]
-        call = re.match(r"\s*([a-z][\w\-]*)\(", rest[type_end:])
-        if call is None:
-            continue
-        opcode = call[1]
-        if opcode in _NO_TRAFFIC or opcode.endswith("-done"):
-            continue
-        args_start = type_end + call.end() - 1
-        operands = rest[args_start : _balanced(rest, args_start)]
-        moved = _type_bytes(result_type) + _type_bytes(operands)
-        op_name = _OP_NAME.search(line)
-        op_name = op_name[1] if op_name else ""
-        category = traffic_category(opcode, op_name, line)
-        by_category[category] += moved
-        instructions.append({"name": match["name"], "opcode": opcode, "bytes": moved, "category": category,
-                             "op_name": op_name})  # fmt: skip
+        for line in body:
+            parts = _split_instruction(line)
+            if parts is None:
+                continue
+            name, result_type, opcode, operands = parts
+            if opcode in _NO_TRAFFIC or opcode in ("copy-start", "slice-start"):
+                continue
+            if 'custom_call_target="ConcatBitcast"' in line:
+                continue  # reinterprets slices that are already adjacent in memory: nothing moves
+            if opcode in ("copy-done", "slice-done"):
+                # An asynchronous copy or slice (the compiler moving data between memories)
+                # reads and writes the size of its result.
+                moved = 2 * _type_bytes(result_type)
+            elif opcode.endswith("-done"):
+                continue  # a collective's -start counted its data
+            else:
+                operand_bytes = _type_bytes(operands) or sum(
+                    sizes.get(operand, 0) for operand in re.findall(r"%([\w.\-]+)", operands)
+                )
+                moved = _type_bytes(result_type) + operand_bytes
+            op_name = _OP_NAME.search(line)
+            op_name = op_name[1] if op_name else ""
+            called = _FUSION_CALLS.findall(line) if opcode == "fusion" else []
+            detail = line
+            if called:
+                op_name = inner_name.get(called[0], "") or op_name
+                detail = f"{line} feature_group_count={inner_groups.get(called[0], 1)}"
+            category = traffic_category(opcode, op_name, detail)
+            by_category[category] += moved
+            instructions.append({"name": name, "opcode": opcode, "bytes": moved, "category": category,
+                                 "op_name": op_name})  # fmt: skip
     instructions.sort(key=lambda i: -i["bytes"])
     return {
         "bytes": sum(by_category.values()),
