@@ -161,9 +161,9 @@ def analyse(compiled, tpu: Slice, per_chip_batch: int) -> dict:
     cost = cost[0] if isinstance(cost, list | tuple) else cost
     per_chip = tpu.devices_per_chip
     flops = float(cost.get("flops", 0.0)) * per_chip
-    traffic = float(cost.get("bytes accessed", 0.0)) * per_chip
+    moved = float(cost.get("bytes accessed", 0.0)) * per_chip
     hbm_per_device = tpu.chip.hbm_bytes / per_chip
-    compute_s, memory_s = flops / tpu.chip.bf16_flops, traffic / tpu.chip.hbm_bytes_per_sec
+    compute_s, memory_s = flops / tpu.chip.bf16_flops, moved / tpu.chip.hbm_bytes_per_sec
     step_s = max(compute_s, memory_s)
     hlo_text = compiled.as_text()
     found = collectives(hlo_text)
@@ -172,7 +172,7 @@ def analyse(compiled, tpu: Slice, per_chip_batch: int) -> dict:
         "fits": needed <= hbm_per_device,
         "hbm_margin_bytes": hbm_per_device - needed,
         "flops_per_chip": flops,
-        "bytes_accessed_per_chip": traffic,
+        "bytes_accessed_per_chip": moved,
         "collectives": collective_summary(found),
         "collective_sources": collective_sources(found),
         "traffic": traffic(hlo_text),
