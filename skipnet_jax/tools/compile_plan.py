@@ -266,13 +266,16 @@ def traffic(hlo_text: str, top: int = 10) -> dict:
     names operands without their types, so operand sizes are looked up by name.  A
     fusion is attributed by the ``op_name`` of its fused computation's convolution if it
     has one (a depthwise one when its ``feature_group_count`` > 1), else of its root,
-    else its own.  Returns the total, the bytes by category (largest
-    first) and the ``top`` largest instructions."""
-    computations = _computations(hlo_text.splitlines())
+    else its own.  Returns the total, the bytes by category (largest first) and the
+    ``top`` largest instructions."""
+    computations = {
+        name: [(line, _split_instruction(line)) for line in body]
+        for name, body in _computations(hlo_text.splitlines()).items()
+    }
     sizes, fused, inner_name, inner_groups = {}, set(), {}, {}
-    for name, body in computations.items():
-        for line in body:
-            parts = _split_instruction(line)
+    for name, parsed in computations.items():
+        body = [line for line, _ in parsed]
+        for line, parts in parsed:
             if parts:
                 sizes[parts[0]] = _type_bytes(parts[1])
             if " fusion(" in line or "to_apply=" in line:
@@ -285,11 +288,10 @@ def traffic(hlo_text: str, top: int = 10) -> dict:
         inner_groups[name] = max(groups, default=1)
     by_category: collections.Counter = collections.Counter()
     instructions = []
-    for computation, body in computations.items():
+    for computation, parsed in computations.items():
         if computation in fused:
             continue
-        for line in body:
-            parts = _split_instruction(line)
+        for line, parts in parsed:
             if parts is None:
                 continue
             name, result_type, opcode, operands = parts
