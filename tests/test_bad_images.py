@@ -5,7 +5,6 @@ RGBA) are decoded, see tests/test_imagenet_pipeline.py."""
 
 from __future__ import annotations
 
-import importlib.util
 import itertools
 import json
 import logging
@@ -18,6 +17,7 @@ from conftest import REPO_ROOT
 from test_imagenet_pipeline import _cli, _config, _encode, _image
 
 from skipnet_jax.data import pipeline
+from skipnet_jax.tools.check_digits import load_config
 
 GOOD = {("train", "a"): 2, ("train", "b"): 2, ("val", "a"): 2, ("val", "b"): 2}
 
@@ -91,10 +91,7 @@ _CLI_FLAGS = (
 
 def _cli_config(**overrides):
     """The config `_cli(workdir, *_CLI_FLAGS, "--config.KEY=VALUE" for overrides)` gives the CLI."""
-    spec = importlib.util.spec_from_file_location("_imagenet_m", os.path.join(REPO_ROOT, "configs", "imagenet_m.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config()
+    config = load_config(os.path.join(REPO_ROOT, "configs", "imagenet_m.py"))
     config.update(dict(image_size=32, batch_size=4, eval_batch_size=4, model="skipnet_xs", dtype="float32"))
     config.update(overrides)
     return config

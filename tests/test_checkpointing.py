@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import errno
 import functools
-import importlib.util
 import json
 import logging
 import os
@@ -32,6 +31,7 @@ from conftest import REPO_ROOT, tiny_digits_config, xla_flags
 
 from skipnet_jax import checkpointing
 from skipnet_jax.config_validation import ConfigError
+from skipnet_jax.tools.check_digits import load_config
 
 STEPS = (1, 2, 3)
 
@@ -458,10 +458,7 @@ def _train_command(workdir, data_dir):
 
 def _train_config(data_dir):
     """The config `_train_command` gives the CLI."""
-    spec = importlib.util.spec_from_file_location("_digits_config", os.path.join(REPO_ROOT, "configs", "digits.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config()
+    config = load_config(os.path.join(REPO_ROOT, "configs", "digits.py"))
     config.update(
         model="skipnet_xs", image_size=32, batch_size=32, eval_batch_size=100, num_train_steps=KILL_STEPS,
         checkpoint_every_steps=1, keep_checkpoints=2, log_every_steps=5, data_dir=str(data_dir),

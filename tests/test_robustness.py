@@ -7,7 +7,6 @@ XLA flags), which reuses the worker's compiled steps and pays no start-up.  JAX'
 compilation cache (tests/conftest.py) compiles the subprocesses' steps once for all of them.
 """
 
-import importlib.util
 import json
 import logging
 import os
@@ -19,6 +18,8 @@ import sys
 
 import pytest
 from conftest import REPO_ROOT
+
+from skipnet_jax.tools.check_digits import load_config
 
 STEPS = 12
 COMPARED = ("eval_top1", "eval_top5", "eval_loss", "train_loss", "params_global_norm", "steps")
@@ -45,10 +46,7 @@ def _run(workdir, data_dir, *extra):
 
 def _cli_config(data_dir, **overrides):
     """The config `_command(..., "--config.KEY=VALUE" for overrides)` gives the CLI."""
-    spec = importlib.util.spec_from_file_location("_digits_config", os.path.join(REPO_ROOT, "configs", "digits.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config()
+    config = load_config(os.path.join(REPO_ROOT, "configs", "digits.py"))
     config.update(
         model="skipnet_xs", image_size=32, batch_size=32, eval_batch_size=100, num_train_steps=STEPS,
         checkpoint_every_steps=3, log_every_steps=1, learning_rate=0.001, data_dir=data_dir,
