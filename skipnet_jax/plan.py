@@ -29,7 +29,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import json
 import sys
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 from skipnet_jax import cli, config_validation, console, engine, models, reporting
@@ -45,7 +45,7 @@ flags.DEFINE_string("json", None, "Also write the plan as JSON to this file.")
 flags.DEFINE_string("hlo_dir", None, "Also write each compiled step's HLO text there (SLICE_STEP.hlo.txt).")
 flags.mark_flags_as_required(["config", "topology"])
 
-_MAX_PER_CHIP_BATCH = 8192  # where --find_max_batch stops doubling
+_MAX_PER_CHIP_BATCH = 8192  # the largest per-chip batch --find_max_batch tries
 _BATCH_GRANULARITY = 8  # --find_max_batch's answer is a multiple of this, per chip
 
 
@@ -103,7 +103,7 @@ def plan_slice(config, tpu: compile_plan.Slice, num_classes: int, global_batch: 
     )
     result |= {"train": train, "eval": evaluation, "per_host": _per_host(tpu, global_batch, config, train)}
     if find_max_batch:
-        result["max_per_chip_batch"] = _max_per_chip_batch(run, tpu, halt)
+        result["max_per_chip_batch"] = _max_per_chip_batch(run, tpu, halt, train)
     return result
 
 
@@ -135,30 +135,36 @@ def _per_host(tpu: compile_plan.Slice, global_batch: int, config, train: dict) -
     }
 
 
-def _fits(run, tpu: compile_plan.Slice, per_chip: int, halt: bool) -> bool:
+def _needed_bytes(run, tpu: compile_plan.Slice, per_chip: int, halt: bool) -> int | None:
+    """What the train step at this per-chip batch holds per device; None if the compiler
+    refused it as too large for the chip."""
     try:
-        compiled, _ = compile_plan.compile_step(run.lower_train_step(per_chip * tpu.chips, halt_on_nonfinite=halt))
+        compiled, seconds = compile_plan.compile_step(
+            run.lower_train_step(per_chip * tpu.chips, halt_on_nonfinite=halt)
+        )
     except Exception as e:
         if compile_plan.is_out_of_memory(e):
-            return False
+            logging.info("find_max_batch: %d per chip does not compile (out of memory)", per_chip)
+            return None
         raise
-    return compile_plan.analyse(compiled, tpu, per_chip)["fits"]
+    needed = compile_plan.analyse(compiled, tpu, per_chip)["memory_per_device"]["needed_bytes"]
+    logging.info(
+        "find_max_batch: %d per chip needs %.2f GB per device (compiled in %.0f s)", per_chip, needed / 1e9, seconds
+    )
+    return needed
 
 
-def _max_per_chip_batch(run, tpu: compile_plan.Slice, halt: bool) -> int | None:
+def _max_per_chip_batch(run, tpu: compile_plan.Slice, halt: bool, train: dict) -> int | None:
     """The largest per-chip train batch (a multiple of `_BATCH_GRANULARITY`) whose step fits
-    the chip's HBM: doubling, then bisection; None if not even the smallest fits."""
-    low, high = 0, _BATCH_GRANULARITY
-    while high <= _MAX_PER_CHIP_BATCH and _fits(run, tpu, high, halt):
-        low, high = high, high * 2
-    if low == 0:
-        return None
-    if high > _MAX_PER_CHIP_BATCH:
-        return low
-    while high - low > _BATCH_GRANULARITY:
-        middle = (low + high) // 2 // _BATCH_GRANULARITY * _BATCH_GRANULARITY
-        low, high = (middle, high) if _fits(run, tpu, middle, halt) else (low, middle)
-    return low
+    the chip's HBM, starting from the planned batch's compile (`train`)."""
+    memory = train["memory_per_device"]
+    return compile_plan.largest_fitting_batch(
+        lambda per_chip: _needed_bytes(run, tpu, per_chip, halt),
+        capacity=memory["hbm_bytes"],
+        granularity=_BATCH_GRANULARITY,
+        limit=_MAX_PER_CHIP_BATCH,
+        known={train["per_chip_batch"]: memory["needed_bytes"]},
+    )
 
 
 def format_table(plans: list[dict]) -> str:

@@ -14,6 +14,7 @@ import collections
 import dataclasses
 import re
 import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -340,3 +341,69 @@ def is_out_of_memory(error: BaseException) -> bool:
     """Whether a compile failed because the program does not fit the chip's memory."""
     text = str(error)
     return "RESOURCE_EXHAUSTED" in text or "Ran out of memory" in text or "out of memory" in text.lower()
+
+
+def largest_fitting_batch(
+    needed_bytes: Callable[[int], int | None],
+    capacity: float,
+    granularity: int,
+    limit: int,
+    known: dict[int, int | None] | None = None,
+) -> int | None:
+    """The largest batch (a multiple of ``granularity``, at most ``limit``) whose
+    ``needed_bytes(batch)`` is at most ``capacity``; None if not even ``granularity`` fits.
+
+    Each call of ``needed_bytes`` is a compile of minutes, so the search predicts rather than
+    doubling and bisecting: what a step holds is close to affine in its batch (activations
+    grow with it; weights and optimiser state do not), so the line through the two
+    measurements nearest the boundary says where the capacity is crossed, and measuring the
+    prediction and its neighbour settles it (about 4 compiles where doubling and bisection
+    from 8 take about 15).  A prediction that does not halve the bracket is followed by a
+    bisection step, so a curve far from affine still ends in logarithmically many steps;
+    like bisection, the search assumes only that a larger batch never needs less.
+    ``needed_bytes`` returns None for a batch the compiler itself refused as too large;
+    ``known`` holds measurements already made (e.g. of the planned batch).
+    """
+    measured = {batch: value for batch, value in (known or {}).items() if batch % granularity == 0}
+    low, high = 0, limit + granularity  # the largest batch known to fit, the smallest known not to
+
+    def record(batch: int) -> None:
+        nonlocal low, high
+        value = measured[batch]
+        if value is not None and value <= capacity:
+            low = max(low, batch)
+        else:
+            high = min(high, batch)
+
+    for batch in measured:
+        record(batch)
+    if not measured:
+        measured[granularity] = needed_bytes(granularity)
+        record(granularity)
+    bisect_next = False
+    while high - low > granularity:
+        width = high - low
+        candidate = None if bisect_next else _crossing(measured, capacity, low, high)
+        if candidate is None:  # no line to follow yet: double up, or halve the bracket
+            candidate = 2 * low if high > limit else (low + high) // 2
+        candidate = candidate // granularity * granularity
+        candidate = min(max(candidate, low + granularity), high - granularity)
+        measured[candidate] = needed_bytes(candidate)
+        record(candidate)
+        bisect_next = not bisect_next and high <= limit and 2 * (high - low) > width
+    return low or None
+
+
+def _crossing(measured: dict[int, int | None], capacity: float, low: int, high: int) -> int | None:
+    """Where the line through the two measured batches nearest the bracket [low, high]
+    reaches ``capacity``; None without two measurements or a rising line."""
+    points = sorted((b, v) for b, v in measured.items() if v is not None)
+    below = [p for p in points if p[0] <= low][-2:]
+    above = [p for p in points if p[0] >= high][:1]
+    pair = (below[-1:] + above) if above and below else below
+    if len(pair) < 2:
+        return None
+    (b1, v1), (b2, v2) = pair
+    if v2 <= v1:
+        return None
+    return int(b1 + (capacity - v1) * (b2 - b1) / (v2 - v1))
