@@ -174,7 +174,14 @@ class Engine(EvalEngine):
 
     def initial_state(self, seed: int) -> TrainState:
         """The freshly initialised state (`steps.create_train_state`), replicated over the mesh."""
-        init = self._memoized("init", lambda: jax.jit(self._for_mesh(self._init_fn()), out_shardings=self.replicated))
+        init = self._memoized(
+            "init",
+            lambda: jax.jit(
+                self._for_mesh(self._init_fn()),
+                out_shardings=self.replicated,
+                compiler_options=steps.one_off_compiler_options(self.platform),
+            ),
+        )
         return init(self._seed(seed))
 
     def abstract_state(self) -> TrainState:

@@ -35,6 +35,7 @@ from skipnet_jax import (
     plots,
     reporting,
     sharding,
+    steps,
     stopping,
 )
 from skipnet_jax.config_validation import ConfigError, check_num_classes
@@ -450,7 +451,11 @@ def _finish(run: _Run, progress: _Progress, state, jitted_eval_step, wall_start:
         "empty_class_dirs": list(info.empty_class_dirs),
         "examples_per_sec": _throughput(reporter, progress.record),
         "wall_seconds": time.time() - wall_start,
-        "params_global_norm": float(jax.jit(optax.global_norm)(state.params)),
+        "params_global_norm": float(
+            jax.jit(optax.global_norm, compiler_options=steps.one_off_compiler_options(jax.default_backend()))(
+                state.params
+            )
+        ),
         "num_params": int(run.num_params),
         "model": config.model,
         "dataset": info.name,

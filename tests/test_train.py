@@ -218,7 +218,7 @@ def test_init_from_is_checked_before_the_workdir_exists_and_then_used(digits_dat
     assert not workdir.exists()
     # A converted directory of the configured model: training starts from its weights.
     model = train.create_model(config, num_classes=10)
-    variables = model.init(jax.random.key(123), jnp.zeros((1, 32, 32, 3)), train=False)
+    variables = jax.jit(lambda key: model.init(key, jnp.zeros((1, 32, 32, 3)), train=False))(jax.random.key(123))
     convert.save_variables(variables, tmp_path / "converted", model_name=config.model, num_classes=10)
     config.init_from = str(tmp_path / "converted")
     results = train.train_and_evaluate(config, str(workdir))
