@@ -87,11 +87,9 @@ def create_train_state(
 
     Compiled as one program even when called eagerly: op by op, every distinct initialiser
     and shape is a small compilation of its own (24 s for SkipNet-XS on a 2-core CPU, against
-    6 s for the one program). Under an enclosing `jax.jit` (the engine's) it is traced inline."""
+    6 s for the one program). Under an enclosing `jax.jit` (the engine's) it is inlined."""
     init = functools.partial(_initial_state, model, tx, image_size=image_size, ema_decay=ema_decay)
-    if isinstance(seed, jax.core.Tracer):  # under the caller's jit (the engine's): traced inline
-        return init(seed)
-    return jax.jit(init, compiler_options=one_off_compiler_options(jax.default_backend()))(seed)
+    return jax.jit(init)(seed)
 
 
 def one_off_compiler_options(platform: str) -> dict | None:
