@@ -121,7 +121,7 @@ def _compiled_step(tpu: compile_plan.Slice, lowered, global_batch: int, name: st
             f.write(compiled.as_text())
     per_chip = global_batch // tpu.chips
     return {"global_batch": global_batch, "per_chip_batch": per_chip, "compile_s": seconds} | compile_plan.analyse(
-        compiled, tpu, per_chip
+        compiled, tpu, per_chip, lowered
     )
 
 

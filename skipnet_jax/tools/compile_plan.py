@@ -195,8 +195,9 @@ def _op_kind(op_name: str) -> str:
     return f"{transform}/{tail}" if transform else tail
 
 
-def analyse(compiled, tpu: Slice, per_chip_batch: int) -> dict:
-    """Memory, FLOPs, bytes, collectives and the roofline of one compiled step, per chip."""
+def analyse(compiled, tpu: Slice, per_chip_batch: int, lowered=None) -> dict:
+    """Memory, FLOPs, bytes, collectives and the roofline of one compiled step, per chip
+    (`lowered`, the step before compiling, gives GPUs their FLOPs: `step_cost`)."""
     memory = compiled.memory_analysis()
     mem = {name: int(getattr(memory, name)) for name in MEMORY_FIELDS}
     needed = (
@@ -207,7 +208,7 @@ def analyse(compiled, tpu: Slice, per_chip_batch: int) -> dict:
         + mem["generated_code_size_in_bytes"]
     )
     hlo_text = compiled.as_text()
-    cost, cost_source = step_cost(compiled, hlo_text)
+    cost, cost_source = step_cost(compiled, hlo_text, lowered, len(tpu.devices))
     per_chip = tpu.devices_per_chip
     flops = float(cost.get("flops", 0.0)) * per_chip
     moved = float(cost.get("bytes accessed", 0.0)) * per_chip
@@ -235,11 +236,18 @@ def analyse(compiled, tpu: Slice, per_chip_batch: int) -> dict:
     }
 
 
-def step_cost(compiled, hlo_text: str) -> tuple[dict, str]:
-    """({"flops", "bytes accessed"} per device, where they came from).  The compiler's own
-    cost analysis where it has one (TPU); XLA:GPU's compile-only client has none, so for
-    GPUs XLA's HLO cost analysis is run on the compiled module through the host's CPU
-    client, and failing that the bytes are `traffic`'s and the FLOPs unknown (0)."""
+def step_cost(compiled, hlo_text: str, lowered=None, devices: int = 1) -> tuple[dict, str]:
+    """({"flops", "bytes accessed"} per device, where they came from).
+
+    The compiler's own cost analysis where it has one (TPU).  XLA:GPU's compile-only client
+    has none, so for GPUs XLA's HLO cost analysis runs through the host's CPU client: the
+    bytes on the compiled module, the FLOPs on the `lowered` (not yet optimised) one divided
+    by its ``devices``, since the compiled module's convolutions are cuDNN custom calls
+    whose FLOPs the analysis does not count (the lowered module still has them as
+    convolutions; dividing by the devices counts the replicated optimiser update once per
+    step instead of once per device, a small undercount).  Failing that, the bytes are
+    `traffic`'s and the FLOPs unknown (0).
+    """
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, list | tuple) else cost
     if cost:
@@ -248,9 +256,14 @@ def step_cost(compiled, hlo_text: str) -> tuple[dict, str]:
         import jax
         from jax._src.lib import xla_client
 
+        client = jax.devices("cpu")[0].client
         module = compiled.runtime_executable().hlo_modules()[0]
-        cost = xla_client._xla.hlo_module_cost_analysis(jax.devices("cpu")[0].client, module)
-        return dict(cost), "XLA HLO cost analysis of the compiled module (CPU client)"
+        cost = dict(xla_client._xla.hlo_module_cost_analysis(client, module))
+        if lowered is None:
+            return cost, "XLA HLO cost analysis of the compiled module (convolutions' FLOPs missing)"
+        program = lowered.compiler_ir("hlo").get_hlo_module()
+        cost["flops"] = float(xla_client._xla.hlo_module_cost_analysis(client, program)["flops"]) / devices
+        return cost, "XLA HLO cost analysis: FLOPs of the lowered program / devices, bytes of the compiled one"
     except (AttributeError, ImportError, IndexError, RuntimeError, TypeError):  # a private API that may change
         return {"flops": 0.0, "bytes accessed": float(traffic(hlo_text)["bytes"])}, "HLO text traffic; FLOPs unknown"
 
