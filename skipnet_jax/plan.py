@@ -12,7 +12,10 @@ programs report per-chip memory, FLOPs, memory traffic and collectives
 bytes / HBM bandwidth) from the chip's published figures (`skipnet_jax.chips`): a bound,
 not a measurement, since it ignores collectives, host input and launch overheads.
 A multi-host slice (e.g. v5e:4x4, four hosts) compiles from this one process; the plan
-says what each host would hold.  Configuration mistakes end with one line naming the
+says what each host would hold.  GPUs are planned the same way with JAX's CUDA plugin
+installed (``--topology h100:8``, ``a100:2x8``: GPU model, [hosts x] GPUs per host; see
+docs/tpu.md, "GPUs"), their FLOPs and bytes from XLA's HLO cost analysis (each step's
+``cost_source``).  Configuration mistakes end with one line naming the
 flag or key, exit status 2.
 """
 
