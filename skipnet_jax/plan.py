@@ -12,7 +12,10 @@ programs report per-chip memory, FLOPs, memory traffic and collectives
 bytes / HBM bandwidth) from the chip's published figures (`skipnet_jax.chips`): a bound,
 not a measurement, since it ignores collectives, host input and launch overheads.
 A multi-host slice (e.g. v5e:4x4, four hosts) compiles from this one process; the plan
-says what each host would hold.  Configuration mistakes end with one line naming the
+says what each host would hold.  GPUs are planned the same way with JAX's CUDA plugin
+installed (``--topology h100:8``, ``a100:2x8``: GPU model, [hosts x] GPUs per host; see
+docs/tpu.md, "GPUs"), their FLOPs and bytes from XLA's HLO cost analysis (each step's
+``cost_source``).  Configuration mistakes end with one line naming the
 flag or key, exit status 2.
 """
 
@@ -37,7 +40,11 @@ from skipnet_jax.tools import compile_plan
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Path to a config file, e.g. configs/imagenet_m.py.", lock_config=True)
-flags.DEFINE_multi_string("topology", None, "A TPU slice as libtpu names it, e.g. v5e:2x2, v4:2x2x2, v5e:4x4.")
+flags.DEFINE_multi_string(
+    "topology",
+    None,
+    "A TPU slice as libtpu names it (v5e:2x2, v4:2x2x2, v5e:4x4) or GPUs as GPU:[HOSTSx]GPUS (h100:8, a100:2x8).",
+)
 flags.DEFINE_integer("global_batch", None, "Global train batch to plan for (default: config.batch_size).")
 flags.DEFINE_bool("find_max_batch", False, "Also find the largest per-chip train batch that fits, by compiling.")
 flags.DEFINE_integer("num_classes", None, "Classes of the classifier (default: the config's, else its dataset's).")
@@ -117,7 +124,7 @@ def _compiled_step(tpu: compile_plan.Slice, lowered, global_batch: int, name: st
             f.write(compiled.as_text())
     per_chip = global_batch // tpu.chips
     return {"global_batch": global_batch, "per_chip_batch": per_chip, "compile_s": seconds} | compile_plan.analyse(
-        compiled, tpu, per_chip
+        compiled, tpu, per_chip, lowered
     )
 
 
@@ -217,7 +224,7 @@ def main(argv):
         config = FLAGS.config
         if FLAGS.global_batch is not None:
             config.batch_size = FLAGS.global_batch
-        slices = [compile_plan.tpu_slice(topology) for topology in FLAGS.topology]
+        slices = [compile_plan.slice_of(topology) for topology in FLAGS.topology]
         config_validation.validate_config(config, device_count=1, model_names=models.list_models())
         num_classes = FLAGS.num_classes or num_classes_of(config)
         plans = []

@@ -44,7 +44,8 @@ _OP_NAME = re.compile(r'op_name="([^"]*)"')
 
 @dataclasses.dataclass(frozen=True)
 class Slice:
-    """A TPU slice described by libtpu: its compile-only devices and their chip."""
+    """A TPU slice described by libtpu, or GPUs described by JAX's CUDA plugin: their
+    compile-only devices and their chip (a `chips.Gpu` for GPUs)."""
 
     topology: str
     chip: chips.Chip
@@ -56,6 +57,8 @@ class Slice:
 
     @property
     def chips(self) -> int:
+        if self.devices[0].platform == "gpu":
+            return len(self.devices)  # one device per GPU; the plugin gives them no coordinates
         return len({(d.process_index, tuple(d.coords)) for d in self.devices})
 
     @property
@@ -79,6 +82,51 @@ def tpu_slice(topology: str) -> Slice:
     except (RuntimeError, ValueError) as e:  # libtpu's own message for a shape it does not build
         raise ValueError(f"--topology={topology!r}: libtpu cannot describe it: {_one_line(e)}") from None
     return Slice(topology, chip, tuple(description.devices))
+
+
+# The plugin's only requirement is jax-cuda12-pjrt (the NVIDIA library wheels come with its
+# "with-cuda" extra, which compile-only devices do not need); it must match jax's version.
+GPU_PLUGIN_INSTALL = "pip install jax-cuda12-plugin==<your jax version, e.g. 0.10.2>"
+_GPU_SHAPE = re.compile(r"^(?:(?P<hosts>\d+)x)?(?P<per_host>\d+)$")
+
+
+def gpu_shape(topology: str) -> tuple[int, int]:
+    """(hosts, GPUs per host) of a GPU name: ``"h100:8"`` is one host of 8 GPUs,
+    ``"h100:2x8"`` two hosts of 8; ValueError (one line) for another shape."""
+    _, _, shape = topology.partition(":")
+    match = _GPU_SHAPE.match(shape.strip())
+    if match is None or int(match["per_host"]) < 1 or int(match["hosts"] or 1) < 1:
+        raise ValueError(
+            f"--topology={topology!r}: GPU shape {shape!r} is not GPUS or HOSTSxGPUS (e.g. h100:8, h100:2x8)"
+        )
+    return int(match["hosts"] or 1), int(match["per_host"])
+
+
+def gpu_slice(topology: str) -> Slice:
+    """The compile-only GPUs of `topology` (e.g. "h100:8", "a100:2x8") from JAX's CUDA
+    plugin; ValueError (one line) for an unknown GPU or shape, or without the plugin."""
+    chip = chips.gpu(topology)
+    hosts, per_host = gpu_shape(topology)
+    try:
+        import jax_cuda12_plugin  # noqa: F401  (only its presence is checked here)
+    except ImportError:
+        raise ValueError(
+            f"--topology={topology!r} needs JAX's CUDA plugin, which is not installed: {GPU_PLUGIN_INSTALL}"
+        ) from None
+    from jax.experimental import topologies
+
+    try:
+        description = topologies.get_topology_desc(
+            platform="cuda", target_config=chips.gpu_target_config(chip), topology=f"1x{hosts}x{per_host}"
+        )
+    except (RuntimeError, ValueError) as e:
+        raise ValueError(f"--topology={topology!r}: the CUDA plugin cannot describe it: {_one_line(e)}") from None
+    return Slice(topology, chip, tuple(description.devices))
+
+
+def slice_of(topology: str) -> Slice:
+    """A GPU slice for a GPU name (`chips.GPUS`), else a TPU slice."""
+    return gpu_slice(topology) if chips.is_gpu_name(topology) else tpu_slice(topology)
 
 
 def _one_line(error: BaseException) -> str:
@@ -147,8 +195,9 @@ def _op_kind(op_name: str) -> str:
     return f"{transform}/{tail}" if transform else tail
 
 
-def analyse(compiled, tpu: Slice, per_chip_batch: int) -> dict:
-    """Memory, FLOPs, bytes, collectives and the roofline of one compiled step, per chip."""
+def analyse(compiled, tpu: Slice, per_chip_batch: int, lowered=None) -> dict:
+    """Memory, FLOPs, bytes, collectives and the roofline of one compiled step, per chip
+    (`lowered`, the step before compiling, gives GPUs their FLOPs: `step_cost`)."""
     memory = compiled.memory_analysis()
     mem = {name: int(getattr(memory, name)) for name in MEMORY_FIELDS}
     needed = (
@@ -158,15 +207,14 @@ def analyse(compiled, tpu: Slice, per_chip_batch: int) -> dict:
         + mem["temp_size_in_bytes"]
         + mem["generated_code_size_in_bytes"]
     )
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, list | tuple) else cost
+    hlo_text = compiled.as_text()
+    cost, cost_source = step_cost(compiled, hlo_text, lowered, len(tpu.devices))
     per_chip = tpu.devices_per_chip
     flops = float(cost.get("flops", 0.0)) * per_chip
     moved = float(cost.get("bytes accessed", 0.0)) * per_chip
     hbm_per_device = tpu.chip.hbm_bytes / per_chip
     compute_s, memory_s = flops / tpu.chip.bf16_flops, moved / tpu.chip.hbm_bytes_per_sec
     step_s = max(compute_s, memory_s)
-    hlo_text = compiled.as_text()
     found = collectives(hlo_text)
     return {
         "memory_per_device": mem | {"needed_bytes": needed, "hbm_bytes": hbm_per_device},
@@ -174,6 +222,7 @@ def analyse(compiled, tpu: Slice, per_chip_batch: int) -> dict:
         "hbm_margin_bytes": hbm_per_device - needed,
         "flops_per_chip": flops,
         "bytes_accessed_per_chip": moved,
+        "cost_source": cost_source,
         "collectives": collective_summary(found),
         "collective_sources": collective_sources(found),
         "traffic": traffic(hlo_text),
@@ -185,6 +234,38 @@ def analyse(compiled, tpu: Slice, per_chip_batch: int) -> dict:
             "examples_per_sec": per_chip_batch / step_s if step_s > 0 else None,
         },
     }
+
+
+def step_cost(compiled, hlo_text: str, lowered=None, devices: int = 1) -> tuple[dict, str]:
+    """({"flops", "bytes accessed"} per device, where they came from).
+
+    The compiler's own cost analysis where it has one (TPU).  XLA:GPU's compile-only client
+    has none, so for GPUs XLA's HLO cost analysis runs through the host's CPU client: the
+    bytes on the compiled module, the FLOPs on the `lowered` (not yet optimised) one divided
+    by its ``devices``, since the compiled module's convolutions are cuDNN custom calls
+    whose FLOPs the analysis does not count (the lowered module still has them as
+    convolutions; dividing by the devices counts the replicated optimiser update once per
+    step instead of once per device, a small undercount).  Failing that, the bytes are
+    `traffic`'s and the FLOPs unknown (0).
+    """
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list | tuple) else cost
+    if cost:
+        return dict(cost), "compiler cost_analysis"
+    try:
+        import jax
+        from jax._src.lib import xla_client
+
+        client = jax.devices("cpu")[0].client
+        module = compiled.runtime_executable().hlo_modules()[0]
+        cost = dict(xla_client._xla.hlo_module_cost_analysis(client, module))
+        if lowered is None:
+            return cost, "XLA HLO cost analysis of the compiled module (convolutions' FLOPs missing)"
+        program = lowered.compiler_ir("hlo").get_hlo_module()
+        cost["flops"] = float(xla_client._xla.hlo_module_cost_analysis(client, program)["flops"]) / devices
+        return cost, "XLA HLO cost analysis: FLOPs of the lowered program / devices, bytes of the compiled one"
+    except (AttributeError, ImportError, IndexError, RuntimeError, TypeError):  # a private API that may change
+        return {"flops": 0.0, "bytes accessed": float(traffic(hlo_text)["bytes"])}, "HLO text traffic; FLOPs unknown"
 
 
 # Instructions that move no bytes of their own (names, views, control flow's carriers).
