@@ -90,14 +90,24 @@ GPUS: tuple[Gpu, ...] = (
 )
 
 
-def gpu(topology_name: str) -> Gpu:
-    """The GPU of a topology name such as ``"h100:8"``; ValueError naming the known ones."""
-    prefix = topology_name.split(":", 1)[0].strip().lower()
-    for chip in GPUS:
+def _prefix(topology_name: str) -> str:
+    """The model part of a topology name: "v5e" of "v5e:2x2", "h100" of "h100:8"."""
+    return topology_name.split(":", 1)[0].strip().lower()
+
+
+def _named(topology_name: str, known: tuple[Chip, ...], what: str) -> Chip:
+    """The chip of `known` that `topology_name` names; ValueError naming the known ones."""
+    prefix = _prefix(topology_name)
+    for chip in known:
         if chip.name == prefix:
             return chip
-    known = ", ".join(f"{c.name}:..." for c in GPUS)
-    raise ValueError(f"--topology={topology_name!r}: unknown GPU {prefix!r}; valid choices: {known}")
+    choices = ", ".join(f"{c.name}:..." for c in known)
+    raise ValueError(f"--topology={topology_name!r}: unknown {what} {prefix!r}; valid choices: {choices}")
+
+
+def gpu(topology_name: str) -> Gpu:
+    """The GPU of a topology name such as ``"h100:8"``; ValueError naming the known ones."""
+    return _named(topology_name, GPUS, "GPU")
 
 
 def gpu_target_config(chip: Gpu) -> str:
@@ -124,14 +134,9 @@ def gpu_target_config(chip: Gpu) -> str:
 
 def is_gpu_name(topology_name: str) -> bool:
     """Whether a topology name names a GPU model (its prefix is one of `GPUS`)."""
-    return topology_name.split(":", 1)[0].strip().lower() in {c.name for c in GPUS}
+    return _prefix(topology_name) in {c.name for c in GPUS}
 
 
 def tpu_chip(topology_name: str) -> Chip:
     """The chip of a topology name such as ``"v5e:2x2"``; ValueError naming the known ones."""
-    prefix = topology_name.split(":", 1)[0].strip().lower()
-    for chip in TPU_CHIPS:
-        if chip.name == prefix:
-            return chip
-    known = ", ".join(f"{c.name}:..." for c in TPU_CHIPS)
-    raise ValueError(f"--topology={topology_name!r}: unknown TPU generation {prefix!r}; valid choices: {known}")
+    return _named(topology_name, TPU_CHIPS, "TPU generation")

@@ -154,7 +154,7 @@ def _needed_bytes(run, tpu: compile_plan.Slice, per_chip: int, halt: bool) -> in
             logging.info("find_max_batch: %d per chip does not compile (out of memory)", per_chip)
             return None
         raise
-    needed = compile_plan.analyse(compiled, tpu, per_chip)["memory_per_device"]["needed_bytes"]
+    needed = compile_plan.memory_per_device(compiled)["needed_bytes"]  # the search needs nothing else
     logging.info(
         "find_max_batch: %d per chip needs %.2f GB per device (compiled in %.0f s)", per_chip, needed / 1e9, seconds
     )

@@ -195,18 +195,26 @@ def _op_kind(op_name: str) -> str:
     return f"{transform}/{tail}" if transform else tail
 
 
-def analyse(compiled, tpu: Slice, per_chip_batch: int, lowered=None) -> dict:
-    """Memory, FLOPs, bytes, collectives and the roofline of one compiled step, per chip
-    (`lowered`, the step before compiling, gives GPUs their FLOPs: `step_cost`)."""
+def memory_per_device(compiled) -> dict[str, int]:
+    """`memory_analysis()`'s fields of a compiled step, and ``needed_bytes``: what a device
+    holds while the step runs (arguments, outputs not aliased to them, temporaries, code)."""
     memory = compiled.memory_analysis()
     mem = {name: int(getattr(memory, name)) for name in MEMORY_FIELDS}
-    needed = (
+    mem["needed_bytes"] = (
         mem["argument_size_in_bytes"]
         + mem["output_size_in_bytes"]
         - mem["alias_size_in_bytes"]
         + mem["temp_size_in_bytes"]
         + mem["generated_code_size_in_bytes"]
     )
+    return mem
+
+
+def analyse(compiled, tpu: Slice, per_chip_batch: int, lowered=None) -> dict:
+    """Memory, FLOPs, bytes, collectives and the roofline of one compiled step, per chip
+    (`lowered`, the step before compiling, gives GPUs their FLOPs: `step_cost`)."""
+    mem = memory_per_device(compiled)
+    needed = mem["needed_bytes"]
     hlo_text = compiled.as_text()
     cost, cost_source = step_cost(compiled, hlo_text, lowered, len(tpu.devices))
     per_chip = tpu.devices_per_chip
@@ -217,7 +225,7 @@ def analyse(compiled, tpu: Slice, per_chip_batch: int, lowered=None) -> dict:
     step_s = max(compute_s, memory_s)
     found = collectives(hlo_text)
     return {
-        "memory_per_device": mem | {"needed_bytes": needed, "hbm_bytes": hbm_per_device},
+        "memory_per_device": mem | {"hbm_bytes": hbm_per_device},
         "fits": needed <= hbm_per_device,
         "hbm_margin_bytes": hbm_per_device - needed,
         "flops_per_chip": flops,
