@@ -43,7 +43,6 @@ so a hang (in a collective or a checkpoint barrier) fails instead of blocking CI
 
 from __future__ import annotations
 
-import glob
 import json
 import os
 import signal
@@ -117,15 +116,10 @@ def _two_processes(data_dir, workdir, steps, *extra):
 
 def _scalars(workdir):
     """``{metric: [value at step 1, ..., step N]}`` from the TensorBoard event files."""
-    import tensorflow as tf
+    from skipnet_jax.plots import read_scalars
 
-    values = {}
-    for path in glob.glob(os.path.join(workdir, "tensorboard", "events.out.tfevents.*")):
-        for event in tf.compat.v1.train.summary_iterator(path):
-            for value in event.summary.value:
-                if value.tag.startswith("train/"):
-                    values.setdefault(value.tag[6:], {})[event.step] = float(tf.make_ndarray(value.tensor))
-    return {name: [by_step[s] for s in sorted(by_step)] for name, by_step in values.items()}
+    by_tag = read_scalars(os.path.join(workdir, "tensorboard"))
+    return {tag[6:]: list(values) for tag, (_, values) in by_tag.items() if tag.startswith("train/")}
 
 
 def _params(workdir):

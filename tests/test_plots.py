@@ -50,9 +50,14 @@ def _write_events(tensorboard_dir, *, resumed=False):
         writer.scalar("eval/top5", 0.9, s)
     writer.close()
     if resumed:  # a second event file re-logging step 100, as a resumed run does
+        first = set(os.listdir(tensorboard_dir))
         writer = tensorboard.SummaryWriter(tensorboard_dir)
         writer.scalar("eval/top1", 0.99, 100)
         writer.close()
+        # Names end in a per-process counter, and ".10." sorts before ".9.": give the
+        # later file a name that sorts first, so only the events' wall time can order them.
+        (later,) = set(os.listdir(tensorboard_dir)) - first
+        os.rename(os.path.join(tensorboard_dir, later), os.path.join(tensorboard_dir, "events.out.tfevents.0.v2"))
 
 
 def test_read_scalars_and_training_curves(tmp_path):
@@ -63,7 +68,7 @@ def test_read_scalars_and_training_curves(tmp_path):
     np.testing.assert_array_equal(steps, np.arange(10, 110, 10))
     np.testing.assert_allclose(values, 2.0 * np.exp(-steps / 40), rtol=1e-6)
     np.testing.assert_array_equal(scalars["eval/top1"][0], [50, 100])
-    assert scalars["eval/top1"][1][-1] == pytest.approx(0.99)  # the later file wins
+    assert scalars["eval/top1"][1][-1] == pytest.approx(0.99)  # the later write wins
     assert plots.read_scalars(str(tmp_path / "absent")) == {}
 
     fig = plots.training_curves(scalars)

@@ -25,7 +25,7 @@ def read_scalars(tensorboard_dir: str) -> dict[str, tuple[np.ndarray, np.ndarray
     from tensorboard.util import tensor_util
 
     files = sorted(glob.glob(os.path.join(tensorboard_dir, "**", "*tfevents*"), recursive=True))
-    by_tag: dict[str, dict[int, float]] = {}
+    by_tag: dict[str, dict[int, tuple[float, float]]] = {}  # step -> (wall time, value)
     for path in files:
         for event in event_file_loader.EventFileLoader(path).Load():
             if not event.HasField("summary"):
@@ -41,11 +41,14 @@ def read_scalars(tensorboard_dir: str) -> dict[str, tuple[np.ndarray, np.ndarray
                     number = float(array.reshape(()))
                 else:
                     continue
-                by_tag.setdefault(value.tag, {})[int(event.step)] = number
+                points = by_tag.setdefault(value.tag, {})
+                step = int(event.step)
+                if step not in points or event.wall_time >= points[step][0]:
+                    points[step] = (event.wall_time, number)
     out = {}
     for tag, points in by_tag.items():
         steps = np.array(sorted(points), np.int64)
-        out[tag] = (steps, np.array([points[s] for s in steps], np.float64))
+        out[tag] = (steps, np.array([points[s][1] for s in steps], np.float64))
     return out
 
 
