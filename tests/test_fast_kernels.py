@@ -2,7 +2,8 @@
 
 * `Conv(impl="dot")` (1x1 convolutions as one matrix product; k x k via im2col) vs
   `Conv(impl="lax")` (`lax.conv_general_dilated`);
-* `BatchNorm` (train mode: closed-form statistics and VJP, `cpu_kernels.batch_norm_train`) vs
+* `BatchNorm` (train mode: closed-form statistics and VJP, `cpu_kernels.batch_norm_train`,
+  and its one-pass form for accelerators, `cpu_kernels.batch_norm_train_one_pass`) vs
   `flax.linen.BatchNorm`;
 values and gradients (input and parameters), stride 1 and 2, odd sizes; the running
 statistics too.  (The depthwise "shift" kernel with its hand-written VJP is compared
@@ -62,13 +63,14 @@ def test_conv_params_equal_flax_conv_and_auto_impl():
         resolve("depthwise", "nope")
 
 
+@pytest.mark.parametrize("impl", ["fused", "one_pass"])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 @pytest.mark.parametrize("shape", [(4, 7, 5, 6), (2, 3, 3, 16)])
-def test_batch_norm_train_matches_flax(shape, dtype):
+def test_batch_norm_train_matches_flax(shape, dtype, impl):
     x = (3.0 + 2.0 * jax.random.normal(jax.random.key(0), shape)).astype(dtype)
     # Two-pass variance: the configuration of the fast path (nn.BatchNorm defaults to one-pass).
     kwargs = dict(use_running_average=False, momentum=0.9, epsilon=1e-3, dtype=dtype, use_fast_variance=False)
-    ours, reference = L.BatchNorm(**kwargs), nn.BatchNorm(**kwargs)
+    ours, reference = L.BatchNorm(impl=impl, **kwargs), nn.BatchNorm(**kwargs)
     variables = reference.init(jax.random.key(1), x)
     params = {
         "scale": 1.0 + 0.3 * jax.random.normal(jax.random.key(2), (shape[-1],)),
@@ -96,6 +98,66 @@ def test_batch_norm_train_matches_flax(shape, dtype):
     kept = 0.9 * variables["batch_stats"]["var"]
     stats_ref = {**stats_ref, "var": kept + (stats_ref["var"] - kept) * n / (n - 1)}
     chex.assert_trees_all_close(stats, stats_ref, rtol=1e-5, atol=1e-6)
+
+
+def test_resolve_batch_norm_follows_the_target_platform():
+    """Two-pass statistics on CPU, one pass (`batch_norm_train_one_pass`) on accelerators."""
+    for platform, expected in (("cpu", "fused"), ("tpu", "one_pass"), ("gpu", "one_pass")):
+        with cpu_kernels.target_platform(platform):
+            assert cpu_kernels.resolve_impl("batch_norm") == expected
+            assert cpu_kernels.resolve_impl("batch_norm", "fused") == "fused"
+    with pytest.raises(ValueError, match="valid choices: auto, flax, fused, one_pass"):
+        cpu_kernels.resolve_impl("batch_norm", "two_pass")
+
+
+def test_batch_norm_layer_runs_one_pass_for_a_tpu_and_uses_its_running_mean(monkeypatch):
+    """Traced for a TPU, the layer's train mode calls the one-pass kernel with its running
+    mean as the shift; outputs and updated statistics equal the CPU (two-pass) path's."""
+    shifts = []
+    one_pass = cpu_kernels.batch_norm_train_one_pass
+    monkeypatch.setattr(cpu_kernels, "batch_norm_train_one_pass", lambda *a: shifts.append(a[3]) or one_pass(*a))
+    x = 2.0 + jax.random.normal(jax.random.key(0), (2, 5, 5, 3))
+    module = L.batch_norm(True)
+    variables = module.init(jax.random.key(1), x)
+    variables = {**variables, "batch_stats": {"mean": jnp.array([1.0, 2.0, 3.0]), "var": jnp.ones(3)}}
+    y, stats = module.apply(variables, x, mutable=["batch_stats"])
+    with cpu_kernels.target_platform("tpu"):
+        y_tpu, stats_tpu = module.apply(variables, x, mutable=["batch_stats"])
+    assert len(shifts) == 1
+    np.testing.assert_array_equal(shifts[0], [1.0, 2.0, 3.0])
+    np.testing.assert_allclose(y_tpu, y, rtol=1e-5, atol=1e-5)
+    chex.assert_trees_all_close(stats_tpu, stats, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("offset", [0.0, 1.0, -10.0, np.inf, np.nan])
+def test_batch_norm_one_pass_equals_two_pass_for_any_shift(offset):
+    """The statistics, output and gradients of the one-pass kernel do not depend on its
+    shift (the batch mean plus `offset` batch standard deviations; non-finite: none) beyond
+    float32 round-off, and equal the two-pass kernel's; the shift's gradient is zero."""
+    shape = (4, 6, 5, 8)
+    x = 50.0 + 3.0 * jax.random.normal(jax.random.key(0), shape)  # |mean| >> std: cancellation-prone
+    scale = 1.0 + 0.3 * jax.random.normal(jax.random.key(1), (8,))
+    bias = 0.2 * jax.random.normal(jax.random.key(2), (8,))
+    shift = jnp.mean(x, axis=(0, 1, 2)) + offset * jnp.std(x, axis=(0, 1, 2))
+    weights = jnp.linspace(0.5, 1.5, x.size).reshape(shape)
+
+    def loss(kernel, x, scale, bias, *shift):
+        y, mean, var = kernel(x, scale, bias, *shift, 1e-5)
+        return jnp.sum(jnp.sin(y) * weights) + jnp.sum(mean) + jnp.sum(var), (y, mean, var)
+
+    argnums = (0, 1, 2, 3)
+    one = jax.jit(jax.value_and_grad(lambda *a: loss(cpu_kernels.batch_norm_train_one_pass, *a), argnums, True))
+    two = jax.jit(jax.value_and_grad(lambda *a: loss(cpu_kernels.batch_norm_train, *a), argnums[:3], True))
+    (_, outputs), grads = one(x, scale, bias, shift)
+    (_, outputs_ref), grads_ref = two(x, scale, bias)
+    # Relative to the variance (9): float32 round-off of sums of squares of values near 50
+    # (the plain one-pass sums, shift 0) is about 1e-7 * (50 / 3)^2 of it.
+    tol = 1e-4 if offset in (0.0, 1.0) else 1e-3
+    for got, want in zip(outputs, outputs_ref):
+        np.testing.assert_allclose(got, want, rtol=tol, atol=tol)
+    for got, want in zip(grads[:3], grads_ref):
+        np.testing.assert_allclose(got, want, rtol=tol, atol=tol * max(1.0, float(np.abs(want).max())))
+    np.testing.assert_array_equal(grads[3], np.zeros(8))
 
 
 def test_batch_norm_eval_and_init_are_flax():

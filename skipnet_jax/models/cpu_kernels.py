@@ -9,6 +9,9 @@ exactly what its plain counterpart computes (values and gradients are tested aga
 ``lax`` and ``flax.linen.BatchNorm``); the layers in `skipnet_jax.models.layers` only ask
 `resolve_impl` which one to call.
 
+`batch_norm_train_one_pass` is the exception, for accelerators: both statistics in one
+pass over the input, which the TPU compiler fuses into the convolution that produces it.
+
 Kernels take NHWC inputs, HWIO kernels and explicit ``((top, bottom), (left, right))``
 padding.
 """
@@ -28,6 +31,7 @@ Array = jax.Array
 __all__ = [
     "IMPLS",
     "batch_norm_train",
+    "batch_norm_train_one_pass",
     "conv_dot",
     "conv_lax",
     "current_platform",
@@ -41,7 +45,7 @@ __all__ = [
 IMPLS: dict[str, tuple[str, ...]] = {
     "conv": ("lax", "dot"),
     "depthwise": ("lax", "shift"),
-    "batch_norm": ("flax", "fused"),
+    "batch_norm": ("flax", "fused", "one_pass"),
 }
 
 
@@ -80,9 +84,10 @@ def resolve_impl(op: str, impl: str = "auto", kernel_size: Sequence[int] = (1, 1
       im2col ``"dot"`` for SkipNet's 3x3 RGB stem measured the same as ``"lax"`` in the
       train step, so ``k x k`` convolutions stay convolutions.
     * ``"depthwise"``: ``"shift"`` (`depthwise_shift`) on CPU, else ``"lax"``.
-    * ``"batch_norm"``: ``"fused"`` (`batch_norm_train`) on every backend: it is the same
-      maths as Flax's in fewer memory passes; the layer still runs Flax's for the
-      configurations the kernel does not cover (`layers.BatchNorm`).
+    * ``"batch_norm"``: ``"fused"`` (`batch_norm_train`) on CPU, ``"one_pass"``
+      (`batch_norm_train_one_pass`) elsewhere: both are the same maths as Flax's in fewer
+      memory passes; the layer still runs Flax's for the configurations the kernels do not
+      cover (`layers.BatchNorm`).
 
     "On CPU" means `current_platform()`: the platform of the mesh the step is traced for
     (`target_platform`), or the default backend outside one.
@@ -99,7 +104,7 @@ def resolve_impl(op: str, impl: str = "auto", kernel_size: Sequence[int] = (1, 1
         return "dot" if on_cpu and tuple(kernel_size) == (1, 1) else "lax"
     if op == "depthwise":
         return "shift" if on_cpu else "lax"
-    return "fused"
+    return "fused" if on_cpu else "one_pass"
 
 
 # --------------------------------------------------------------------------- depthwise
@@ -290,6 +295,48 @@ def _batch_norm_train_bwd(epsilon, res, cts):
 
 
 batch_norm_train.defvjp(_batch_norm_train_fwd, _batch_norm_train_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def batch_norm_train_one_pass(
+    x: Array, scale: Array, bias: Array, shift: Array, epsilon: float
+) -> tuple[Array, Array, Array]:
+    """`batch_norm_train` with both statistics from ONE pass over ``x``: the sums of
+    ``d = x - shift`` and of ``d * d`` per channel, then ``mean = shift + mean(d)`` and
+    ``var = mean(d * d) - mean(d)^2``.
+
+    The same formula as `batch_norm_train`'s, whose shift is the batch mean itself (found
+    by a first pass); any per-channel ``shift`` gives the same values up to float32
+    round-off, which grows with ``((mean - shift) / std)^2``: a shift near the batch mean
+    (the layer passes its running mean) keeps it at `batch_norm_train`'s level.  A
+    non-finite shift counts as 0 (the plain one-pass sums).  On TPU the two sums fuse into
+    the producing convolution's output pass, so the statistics cost no read of ``x`` of
+    their own (`batch_norm_train`'s second pass reads it again).  ``shift`` gets a zero
+    gradient: the statistics do not depend on it.
+    """
+    return _batch_norm_train_one_pass_fwd(x, scale, bias, shift, epsilon)[0]
+
+
+def _batch_norm_train_one_pass_fwd(x, scale, bias, shift, epsilon):
+    x32 = x.astype(jnp.float32)
+    count = x32.shape[0] * x32.shape[1] * x32.shape[2]
+    shift = jnp.where(jnp.isfinite(shift), shift, 0.0).astype(jnp.float32)
+    d = x32 - shift
+    mean_d = jnp.sum(d, axis=(0, 1, 2)) / count
+    var = jnp.maximum(jnp.sum(d * d, axis=(0, 1, 2)) / count - jnp.square(mean_d), 0.0)
+    mean = shift + mean_d
+    rstd = jax.lax.rsqrt(var + epsilon)
+    y = (x32 - mean) * (rstd * scale) + bias
+    return (y, mean, var), (x, mean, rstd, scale, shift)
+
+
+def _batch_norm_train_one_pass_bwd(epsilon, res, cts):
+    x, mean, rstd, scale, shift = res
+    dx, dscale, dbias = _batch_norm_train_bwd(epsilon, (x, mean, rstd, scale), cts)
+    return dx, dscale, dbias, jnp.zeros_like(shift)
+
+
+batch_norm_train_one_pass.defvjp(_batch_norm_train_one_pass_fwd, _batch_norm_train_one_pass_bwd)
 
 
 # --------------------------------------------------------------------------- convolutions
