@@ -228,6 +228,15 @@ def test_adaptive_avg_pool_bf16_keeps_dtype():
         np.testing.assert_allclose(np.asarray(y, np.float32), 1.0)
 
 
+def test_adaptive_avg_pool_bf16_rounds_once():
+    """Divisible sizes: the window means are float32 sums of the bf16 values, rounded to
+    bf16 once (within half a bf16 ulp of the exact means)."""
+    x = jax.random.normal(jax.random.key(0), (2, 112, 112, 4)).astype(jnp.bfloat16)
+    exact = _np_adaptive_avg_pool(np.asarray(x, np.float32), 28, 14)
+    got = np.asarray(torch_compat.adaptive_avg_pool(x, (28, 14)), np.float32)
+    np.testing.assert_allclose(got, exact, rtol=2.0**-8 * 1.01, atol=1e-6)
+
+
 def test_conv_padding_is_torch_style_not_same():
     """Stride-2 3x3 conv on an even size pads (1, 1), not TF 'SAME' (0, 1)."""
     x = jax.random.normal(jax.random.key(0), (1, 8, 8, 3))

@@ -65,14 +65,20 @@ def adaptive_avg_pool(x: Array, out_hw: int | Sequence[int]) -> Array:
 
     Output cell ``i`` averages input rows ``floor(i*H/h) .. ceil((i+1)*H/h) - 1``
     (likewise for columns).  When the sizes divide this is a plain
-    ``(H/h) x (W/w)`` average pool (computed with a reshape-mean); otherwise an exact
-    averaging matrix is applied.  Works for any sizes, including ``h > H``.
+    ``(H/h) x (W/w)`` average pool: one reshape-mean over both window axes, summed in
+    float32 and rounded to ``x``'s dtype once (on TPU the sum reads ``x`` as it is, where a
+    mean per axis made a float32 copy of it first); otherwise an exact averaging matrix is
+    applied per axis.  Works for any sizes, including ``h > H``.
     """
     h, w = pair(out_hw)
     if x.ndim != 4:
         raise ValueError(f"adaptive_avg_pool expects NHWC input, got shape {x.shape}")
     if h < 1 or w < 1:
         raise ValueError(f"output size must be positive, got {(h, w)}")
+    n, hi, wi, c = x.shape
+    if hi % h == 0 and wi % w == 0:  # both axes at once: one float32 sum, one rounding
+        windows = x.reshape(n, h, hi // h, w, wi // w, c)
+        return jnp.mean(windows, axis=(2, 4), dtype=jnp.float32).astype(x.dtype)
     x = _adaptive_pool_axis(x, 1, h)
     return _adaptive_pool_axis(x, 2, w)
 
