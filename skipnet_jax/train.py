@@ -452,7 +452,7 @@ def _finish(run: _Run, progress: _Progress, state, jitted_eval_step, wall_start:
         "examples_per_sec": _throughput(reporter, progress.record),
         "wall_seconds": time.time() - wall_start,
         "params_global_norm": float(
-            jax.jit(optax.global_norm, compiler_options=steps.one_off_compiler_options(jax.default_backend()))(
+            jax.jit(optax.global_norm, compiler_options=steps.one_off_compiler_options(run.engine.platform))(
                 state.params
             )
         ),
