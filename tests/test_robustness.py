@@ -168,11 +168,11 @@ def test_nan_stops_with_the_step_and_keeps_the_last_checkpoint(digits_data_dir, 
     assert not (tmp_path / "results.json").exists()
 
 
-def test_checkpoint_of_another_model_is_refused(digits_data_dir, tmp_path, caplog):
-    _train_in_process(tmp_path, digits_data_dir, caplog, num_train_steps=3)  # raises unless it finishes
+def test_checkpoint_of_another_model_is_refused(uninterrupted_workdir, digits_data_dir, tmp_path):
+    shutil.copytree(uninterrupted_workdir, tmp_path, dirs_exist_ok=True)  # a finished skipnet_xs run
     before = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
     saved_config = (tmp_path / "config.json").read_bytes()
-    result = _run(tmp_path, digits_data_dir, "--config.model=skipnet_s")
+    result = _run(tmp_path, digits_data_dir, "--config.model=skipnet_s", "--config.seed=1")
     assert result.returncode == 2
     (line,) = [text for text in result.stderr.splitlines() if text.startswith("error:")]
     assert "does not match the configured model" in line
