@@ -172,9 +172,8 @@ class Engine(EvalEngine):
     def _seed(self, seed: int) -> jax.Array:
         return jax.device_put(jnp.asarray(seed, jnp.int32), self.replicated)
 
-    def initial_state(self, seed: int) -> TrainState:
-        """The freshly initialised state (`steps.create_train_state`), replicated over the mesh."""
-        init = self._memoized(
+    def _jitted_init(self) -> Callable[[jax.Array], TrainState]:
+        return self._memoized(
             "init",
             lambda: jax.jit(
                 self._for_mesh(self._init_fn()),
@@ -182,14 +181,19 @@ class Engine(EvalEngine):
                 compiler_options=steps.one_off_compiler_options(self.platform),
             ),
         )
-        return init(self._seed(seed))
+
+    def initial_state(self, seed: int) -> TrainState:
+        """The freshly initialised state (`steps.create_train_state`), replicated over the mesh."""
+        return self._jitted_init()(self._seed(seed))
 
     def abstract_state(self) -> TrainState:
         """The state's shapes and dtypes with its sharding (what a checkpoint is restored into);
-        nothing is compiled or computed."""
+        nothing is compiled or computed.  Traced through the jitted initialisation, so that a
+        fresh run's `initial_state` reuses the trace (SkipNet-XS: 1.3 s less on a 2-core CPU)."""
+        seed = jax.ShapeDtypeStruct((), jnp.int32, sharding=self.replicated)
         return jax.tree.map(
             lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=self.replicated),
-            jax.eval_shape(self._init_fn(), jax.ShapeDtypeStruct((), jnp.int32)),
+            self._jitted_init().eval_shape(seed),
         )
 
     def abstract_batch(self, global_batch: int, *, with_mask: bool = False) -> dict:
