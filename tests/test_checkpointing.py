@@ -69,14 +69,20 @@ def _step_dir(workdir, step) -> str:
 
 
 def _damage(workdir, step, how="truncate") -> None:
-    """Damages the largest array file of a checkpoint: cut in half, or overwritten with junk."""
+    """Damages the largest array file of a checkpoint: cut in half, or overwritten with junk.
+
+    That file is an OCDBT data file holding the array's data and, around it, B-tree nodes that
+    restoring never reads; where the data starts in it depends on thread timing during the save
+    (node and data writes share one buffer), so "garble" junks the whole file (same size), not
+    just its first bytes, which can be an unread node."""
     files = [os.path.join(d, f) for d, _, names in os.walk(_step_dir(workdir, step)) for f in names]
     victim = max(files, key=os.path.getsize)
+    size = os.path.getsize(victim)
     with open(victim, "r+b") as f:
         if how == "truncate":
-            f.truncate(os.path.getsize(victim) // 2)
+            f.truncate(size // 2)
         else:
-            f.write(b"\xff" * 64)
+            f.write(b"\xff" * size)
 
 
 @pytest.fixture
