@@ -130,18 +130,30 @@ def checkpoint_dir(workdir: str) -> str:
     return os.path.join(os.path.abspath(workdir), CHECKPOINTS_SUBDIR)
 
 
+# Writes each replicated array from its first replica alone (`_write_replicated_arrays_from_one_replica`).
+_ONE_REPLICA_ARRAY_HANDLER = ocp.type_handlers.ArrayHandler(use_replica_parallel=False)
+
+
 def _write_replicated_arrays_from_one_replica() -> None:
-    """Makes orbax write each replicated array from its first replica alone.
+    """Makes orbax write each replicated array from its first replica alone (once per process).
 
     Orbax's default on CPU and TPU ("replica-parallel" saving) splits every replicated array
     among its replicas, slicing it on each device: the first save compiles one slice program
     per device and distinct array shape (for SkipNet-XS on 8 CPU devices, ~600 compiles that
     stalled the first checkpoint for 22 s; on an 8-chip TPU slice every one is a TPU compile).
     The state of these models is a few tens of MB, which one replica writes in well under a
-    second, so the split saves nothing.  Idempotent; orbax keeps handlers per process."""
-    ocp.type_handlers.register_type_handler(
-        jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=False), override=True
-    )
+    second, so the split saves nothing.  Orbax keeps its handlers per process, so this applies
+    to every orbax save of a jax.Array in the process; the warning orbax logs for replacing its
+    own default is dropped."""
+    if ocp.type_handlers.get_type_handler(jax.Array) is _ONE_REPLICA_ARRAY_HANDLER:
+        return
+    absl_logger = logging_lib.getLogger("absl")
+    quiet = lambda record: not record.getMessage().startswith("Type handler registry")  # noqa: E731
+    absl_logger.addFilter(quiet)
+    try:
+        ocp.type_handlers.register_type_handler(jax.Array, _ONE_REPLICA_ARRAY_HANDLER, override=True)
+    finally:
+        absl_logger.removeFilter(quiet)
 
 
 def create_manager(workdir: str, *, keep: int) -> ocp.CheckpointManager:
