@@ -172,6 +172,7 @@ def test_checkpoint_of_another_model_is_refused(uninterrupted_workdir, digits_da
     shutil.copytree(uninterrupted_workdir, tmp_path, dirs_exist_ok=True)  # a finished skipnet_xs run
     before = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
     saved_config = (tmp_path / "config.json").read_bytes()
+    # Two differences (the seed as well), so the error's lead lists several fields.
     result = _run(tmp_path, digits_data_dir, "--config.model=skipnet_s", "--config.seed=1")
     assert result.returncode == 2
     (line,) = [text for text in result.stderr.splitlines() if text.startswith("error:")]
