@@ -94,16 +94,13 @@ def create_train_state(
 
 def one_off_compiler_options(platform: str) -> dict | None:
     """XLA options for programs that run once per run (the initialisation, the final weight
-    norm): on CPU, in a single-process run, LLVM does not optimise them.  The
-    initialisation's cost is compiling one random-number kernel per parameter; for
-    SkipNet-XS on a 2-core CPU at XLA's default level that took 19 s of compile against
-    4.4 s unoptimised, and the parameters agree to float rounding (a sum of all their
-    magnitudes differed in the 13th digit).  Multi-process runs keep XLA's defaults: in a
-    2-process CPU run (tests/test_distributed.py's) the unoptimised initialisation changed
-    the first step's gradient norm by 7e-4 relative to the 1-process run's, although the
-    first loss was identical, for a reason not yet found.  Other platforms keep their
-    defaults."""
-    if platform != "cpu" or jax.process_count() > 1:
+    norm): on CPU, LLVM does not optimise them.  The initialisation's cost is compiling one
+    random-number kernel per parameter; for SkipNet-XS on a 2-core CPU at XLA's default level
+    that took 19 s of compile against 4.4 s unoptimised, and the parameters agree to float
+    rounding (a sum of all their magnitudes differed in the 13th digit).  Multi-process runs
+    included: tests/test_distributed.py's 2-process run, initialised this way, matches the
+    1-process run to 2.6e-9 in its final parameters.  Other platforms keep their defaults."""
+    if platform != "cpu":
         return None
     return {"xla_backend_optimization_level": 0}
 
