@@ -70,20 +70,6 @@ def pytest_collection_modifyitems(config, items):
             item._id = NodeId.parse(grouped)
         else:
             item._nodeid = grouped
-    # Longest first: the scheduler hands out the grouped modules (largest first), then the other
-    # tests in collection order, and alphabetical order left test_train's ~30 s tests for the end,
-    # one worker finishing them while the other had nothing left.  Modules stay contiguous.
-    rank = {name: i for i, name in enumerate(_LONGEST_UNGROUPED_TESTS_FIRST)}
-    items.sort(key=lambda item: rank.get(os.path.basename(item.nodeid.split("::")[0]), len(rank)))
-
-
-# Modules by the CPU time of their tests outside a group, most first (measured in one suite run:
-# test_train 171 CPU-s, test_plan 89, ... test_unusual_inputs 17); the rest keep their order.
-_LONGEST_UNGROUPED_TESTS_FIRST = (
-    "test_train.py", "test_plan.py", "test_cifar_configs.py", "test_accelerator_check.py", "test_robustness.py",
-    "test_compare.py", "test_benchmarks.py", "test_notebook.py", "test_checkpointing.py", "test_engine.py",
-    "test_no_tensorflow.py", "test_unusual_inputs.py",
-)  # fmt: skip
 
 
 # The suite is bound by XLA compilation on a small CPU and checks values, never speed: XLA:CPU
