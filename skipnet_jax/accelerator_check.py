@@ -313,20 +313,22 @@ def run_check(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
-def fast_cpu_compile() -> None:
+def fast_cpu_compile(*extra_flags: str) -> None:
     """--tiny: let XLA:CPU compile fast rather than run fast (before JAX starts).
 
     The LLVM back end skips its expensive optimisations, and fusions are emitted by XLA's
     elemental emitter instead of the MLIR fusion emitters.  A SkipNet train step then
     compiles several times faster on a small CPU (SkipNet-XS at 32 px on 2 cores: 12.5-13 s
     with the first two flags, 9.6 s with all three) and runs slower, which does not matter for a run
-    whose numbers only show that every part works.  Flags already in ``XLA_FLAGS`` are kept.
+    whose numbers only show that every part works.  `extra_flags` ("--name=value") are added
+    the same way.  Flags already in ``XLA_FLAGS`` are kept.
     """
     flags = os.environ.get("XLA_FLAGS", "")
     for flag in (
         "--xla_backend_optimization_level=0",
         "--xla_llvm_disable_expensive_passes=true",
         "--xla_cpu_use_fusion_emitters=false",
+        *extra_flags,
     ):
         if flag.split("=")[0] not in flags:
             flags = f"{flags} {flag}".strip()

@@ -78,9 +78,7 @@ def pytest_collection_modifyitems(config, items):
 # Each program's machine code is also generated in one piece rather than split over threads:
 # the suite keeps every core busy with other processes, so those threads only add their own
 # cost (SkipNet-XS's train step, 2-core CPU: 7.4 CPU-s of compile against 8.2, median of 3).
-fast_cpu_compile()
-if "--xla_cpu_parallel_codegen_split_count" not in os.environ["XLA_FLAGS"]:
-    os.environ["XLA_FLAGS"] += " --xla_cpu_parallel_codegen_split_count=1"
+fast_cpu_compile("--xla_cpu_parallel_codegen_split_count=1")
 XLA_FLAGS_FOR_TESTS = os.environ["XLA_FLAGS"]
 
 
