@@ -449,7 +449,10 @@ def test_training_refuses_a_workdir_in_use_before_writing_anything(digits_data_d
     assert os.listdir(workdir) == [checkpointing.LOCK_FILE]
 
 
-KILL_STEPS = 10
+# The length and learning rate of test_robustness's runs: the same train step program, compiled
+# once for both modules (JAX's persistent cache).
+KILL_STEPS = 12
+KILL_LEARNING_RATE = 0.001
 
 
 def _train_command(workdir, data_dir):
@@ -458,7 +461,7 @@ def _train_command(workdir, data_dir):
         "--config.model=skipnet_xs", "--config.image_size=32", "--config.batch_size=32",
         "--config.eval_batch_size=100", f"--config.num_train_steps={KILL_STEPS}",
         "--config.checkpoint_every_steps=1", "--config.keep_checkpoints=2", "--config.log_every_steps=5",
-        f"--config.data_dir={data_dir}",
+        f"--config.learning_rate={KILL_LEARNING_RATE}", f"--config.data_dir={data_dir}",
     ]  # fmt: skip
 
 
@@ -467,7 +470,8 @@ def _train_config(data_dir):
     config = load_config(os.path.join(REPO_ROOT, "configs", "digits.py"))
     config.update(
         model="skipnet_xs", image_size=32, batch_size=32, eval_batch_size=100, num_train_steps=KILL_STEPS,
-        checkpoint_every_steps=1, keep_checkpoints=2, log_every_steps=5, data_dir=str(data_dir),
+        checkpoint_every_steps=1, keep_checkpoints=2, log_every_steps=5, learning_rate=KILL_LEARNING_RATE,
+        data_dir=str(data_dir),
     )  # fmt: skip
     return config
 

@@ -97,7 +97,9 @@ def _without_wall(summary):
 
 
 def test_end_to_end_writes_the_files_and_resumes(digits_data_dir, tmp_path):
-    config = tiny_digits_config(digits_data_dir, eval_every_steps=4)
+    # 8 steps: the bias runs' train step is then the program test_train's resume test compiles
+    # (JAX's persistent cache; the schedule's length is part of the program).
+    config = tiny_digits_config(digits_data_dir, num_train_steps=8, eval_every_steps=4)
     workdir = str(tmp_path / "cmp")
     first = compare.run_comparison(config, workdir, ("ce", "bias"), 2, "tiny")
     for name in compare.FILES:
@@ -113,7 +115,7 @@ def test_end_to_end_writes_the_files_and_resumes(digits_data_dir, tmp_path):
     # A kill during bias-seed1's last steps: no results.json, no final checkpoint.
     killed = os.path.join(workdir, "bias-seed1")
     os.remove(os.path.join(killed, "results.json"))
-    shutil.rmtree(os.path.join(killed, "checkpoints", "6"))
+    shutil.rmtree(os.path.join(killed, "checkpoints", "8"))
     finished = {
         n: os.path.getmtime(os.path.join(workdir, n, "results.json")) for n in first["runs"] if n != "bias-seed1"
     }
