@@ -2,6 +2,7 @@
 
 import os
 import shutil
+import sys
 import tempfile
 
 import pytest
@@ -114,5 +115,35 @@ def tiny_digits_config(data_dir: str, **overrides):
     config.learning_rate = 1e-3
     config.log_every_steps = 2
     config.checkpoint_every_steps = 4
+    config.update(overrides)
+    return config
+
+
+# The short `python -m skipnet_jax.main` digits run that tests/test_robustness.py and
+# tests/test_checkpointing.py signal, kill and restart: one config for both, so its train step
+# is compiled once per suite run (JAX's persistent cache); each test adds its own checkpoint
+# and logging cadence, which the compiled steps do not depend on.
+CLI_RUN_FIELDS = {
+    "model": "skipnet_xs", "image_size": 32, "batch_size": 32, "eval_batch_size": 100,
+    "num_train_steps": 12, "learning_rate": 0.001,
+}  # fmt: skip
+
+
+def cli_run_command(workdir, data_dir, *extra: str, **overrides) -> list[str]:
+    """`python -m skipnet_jax.main` on configs/digits.py with `CLI_RUN_FIELDS` and `overrides` as
+    "--config.KEY=VALUE" flags, then the `extra` flags."""
+    fields = {**CLI_RUN_FIELDS, "data_dir": data_dir, **overrides}
+    return [
+        sys.executable, "-m", "skipnet_jax.main", "--config=configs/digits.py", f"--workdir={workdir}",
+        *(f"--config.{key}={value}" for key, value in fields.items()), *extra,
+    ]  # fmt: skip
+
+
+def cli_run_config(data_dir, **overrides):
+    """The config `cli_run_command` gives the CLI, with `overrides` (its "--config.KEY=VALUE" extras)."""
+    from skipnet_jax.tools.check_digits import load_config
+
+    config = load_config(os.path.join(REPO_ROOT, "configs", "digits.py"))
+    config.update(CLI_RUN_FIELDS, data_dir=str(data_dir))
     config.update(overrides)
     return config

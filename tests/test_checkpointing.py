@@ -27,11 +27,10 @@ import time
 
 import numpy as np
 import pytest
-from conftest import REPO_ROOT, tiny_digits_config, xla_flags
+from conftest import CLI_RUN_FIELDS, REPO_ROOT, cli_run_command, cli_run_config, tiny_digits_config, xla_flags
 
 from skipnet_jax import checkpointing
 from skipnet_jax.config_validation import ConfigError
-from skipnet_jax.tools.check_digits import load_config
 
 STEPS = (1, 2, 3)
 
@@ -449,31 +448,17 @@ def test_training_refuses_a_workdir_in_use_before_writing_anything(digits_data_d
     assert os.listdir(workdir) == [checkpointing.LOCK_FILE]
 
 
-# The length and learning rate of test_robustness's runs: the same train step program, compiled
-# once for both modules (JAX's persistent cache).
-KILL_STEPS = 12
-KILL_LEARNING_RATE = 0.001
+KILL_STEPS = CLI_RUN_FIELDS["num_train_steps"]
+KILL_CADENCE = {"checkpoint_every_steps": 1, "keep_checkpoints": 2, "log_every_steps": 5}
 
 
 def _train_command(workdir, data_dir):
-    return [
-        sys.executable, "-m", "skipnet_jax.main", "--config=configs/digits.py", f"--workdir={workdir}",
-        "--config.model=skipnet_xs", "--config.image_size=32", "--config.batch_size=32",
-        "--config.eval_batch_size=100", f"--config.num_train_steps={KILL_STEPS}",
-        "--config.checkpoint_every_steps=1", "--config.keep_checkpoints=2", "--config.log_every_steps=5",
-        f"--config.learning_rate={KILL_LEARNING_RATE}", f"--config.data_dir={data_dir}",
-    ]  # fmt: skip
+    return cli_run_command(workdir, data_dir, **KILL_CADENCE)
 
 
 def _train_config(data_dir):
     """The config `_train_command` gives the CLI."""
-    config = load_config(os.path.join(REPO_ROOT, "configs", "digits.py"))
-    config.update(
-        model="skipnet_xs", image_size=32, batch_size=32, eval_batch_size=100, num_train_steps=KILL_STEPS,
-        checkpoint_every_steps=1, keep_checkpoints=2, log_every_steps=5, learning_rate=KILL_LEARNING_RATE,
-        data_dir=str(data_dir),
-    )  # fmt: skip
-    return config
+    return cli_run_config(data_dir, **KILL_CADENCE)
 
 
 def _saving_after_a_finalised_one(checkpoints: str) -> bool:

@@ -14,24 +14,17 @@ import random
 import shutil
 import signal
 import subprocess
-import sys
 
 import pytest
-from conftest import REPO_ROOT
+from conftest import CLI_RUN_FIELDS, REPO_ROOT, cli_run_command, cli_run_config
 
-from skipnet_jax.tools.check_digits import load_config
-
-STEPS = 12
+STEPS = CLI_RUN_FIELDS["num_train_steps"]
 COMPARED = ("eval_top1", "eval_top5", "eval_loss", "train_loss", "params_global_norm", "steps")
+CADENCE = {"checkpoint_every_steps": 3, "log_every_steps": 1}
 
 
 def _command(workdir, data_dir, *extra):
-    return [
-        sys.executable, "-m", "skipnet_jax.main", "--config=configs/digits.py", f"--workdir={workdir}",
-        "--config.model=skipnet_xs", "--config.image_size=32", "--config.batch_size=32",
-        "--config.eval_batch_size=100", f"--config.num_train_steps={STEPS}", "--config.checkpoint_every_steps=3",
-        "--config.log_every_steps=1", "--config.learning_rate=0.001", f"--config.data_dir={data_dir}", *extra,
-    ]  # fmt: skip
+    return cli_run_command(workdir, data_dir, *extra, **CADENCE)
 
 
 def _env():
@@ -46,13 +39,7 @@ def _run(workdir, data_dir, *extra):
 
 def _cli_config(data_dir, **overrides):
     """The config `_command(..., "--config.KEY=VALUE" for overrides)` gives the CLI."""
-    config = load_config(os.path.join(REPO_ROOT, "configs", "digits.py"))
-    config.update(
-        model="skipnet_xs", image_size=32, batch_size=32, eval_batch_size=100, num_train_steps=STEPS,
-        checkpoint_every_steps=3, log_every_steps=1, learning_rate=0.001, data_dir=data_dir,
-    )  # fmt: skip
-    config.update(overrides)
-    return config
+    return cli_run_config(data_dir, **{**CADENCE, **overrides})
 
 
 def _train_in_process(workdir, data_dir, caplog, *, allow_changed_config=False, **overrides):
