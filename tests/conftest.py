@@ -100,6 +100,19 @@ def digits_data_dir(tmp_path_factory):
     return path
 
 
+@pytest.fixture
+def registered_step_test_net(monkeypatch):
+    """`step_test_net.StepTestNet` in the model registry for one test, as the model that
+    ``config.model = step_test_net.STEP_TEST_NET`` selects (dropout and dtype applied by
+    `create_model` as for any registered model); removed afterwards."""
+    from step_test_net import STEP_TEST_NET, StepTestNet
+
+    from skipnet_jax.models import registry
+
+    monkeypatch.setitem(registry._REGISTRY, STEP_TEST_NET, StepTestNet)
+    return STEP_TEST_NET
+
+
 def tiny_digits_config(data_dir: str, **overrides):
     """A few-step digits config small enough for unit tests (skipnet_xs at 32 px)."""
     from skipnet_jax.default_config import get_default_config

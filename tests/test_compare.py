@@ -96,10 +96,9 @@ def _without_wall(summary):
     return summary
 
 
-def test_end_to_end_writes_the_files_and_resumes(digits_data_dir, tmp_path):
-    # 8 steps: the bias runs' train step is then the program test_train's resume test compiles
-    # (JAX's persistent cache; the schedule's length is part of the program).
-    config = tiny_digits_config(digits_data_dir, num_train_steps=8, eval_every_steps=4)
+def test_end_to_end_writes_the_files_and_resumes(digits_data_dir, tmp_path, registered_step_test_net):
+    # The comparison's runs, files and resume are under test, not the network.
+    config = tiny_digits_config(digits_data_dir, model=registered_step_test_net, num_train_steps=8, eval_every_steps=4)
     workdir = str(tmp_path / "cmp")
     first = compare.run_comparison(config, workdir, ("ce", "bias"), 2, "tiny")
     for name in compare.FILES:

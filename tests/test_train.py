@@ -6,13 +6,13 @@ import os
 import shutil
 
 import chex
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
 from conftest import tiny_digits_config
+from step_test_net import StepTestNet
 
 from skipnet_jax import optim, steps, train
 
@@ -37,8 +37,12 @@ def _strict_json(path):
         return json.load(f, parse_constant=refuse)
 
 
-def test_train_evaluate_resume_exactly_and_a_finished_run_keeps_its_results(digits_data_dir, tmp_path):
-    config = tiny_digits_config(digits_data_dir, num_train_steps=8)
+def test_train_evaluate_resume_exactly_and_a_finished_run_keeps_its_results(
+    digits_data_dir, tmp_path, registered_step_test_net
+):
+    # The loop's results, checkpoints and resume are under test, not the network (SkipNet-XS's
+    # exact resume: test_robustness).
+    config = tiny_digits_config(digits_data_dir, model=registered_step_test_net, num_train_steps=8)
     workdir = str(tmp_path / "run")
     results = train.train_and_evaluate(config, workdir)
 
@@ -79,9 +83,9 @@ def test_train_evaluate_resume_exactly_and_a_finished_run_keeps_its_results(digi
     assert last["null_reasons"] == {} and _strict_json(results_path) == last
 
 
-def test_skipped_steps_accumulate_across_resumes(digits_data_dir, tmp_path):
+def test_skipped_steps_accumulate_across_resumes(digits_data_dir, tmp_path, registered_step_test_net):
     config = tiny_digits_config(
-        digits_data_dir, num_train_steps=4, checkpoint_every_steps=2, skip_nonfinite_steps=True,
+        digits_data_dir, model=registered_step_test_net, num_train_steps=4, checkpoint_every_steps=2, skip_nonfinite_steps=True,
         optimizer="sgd", learning_rate=1e30, loss="ce", schedule="constant",
     )  # fmt: skip
     first = train.train_and_evaluate(config, str(tmp_path))
@@ -98,9 +102,10 @@ def test_skipped_steps_accumulate_across_resumes(digits_data_dir, tmp_path):
     _strict_json(tmp_path / "results.json")
 
 
-def test_cross_entropy_ema_bf16_rmsprop(digits_data_dir, tmp_path):
+def test_cross_entropy_ema_bf16_rmsprop(digits_data_dir, tmp_path, registered_step_test_net):
     config = tiny_digits_config(
         digits_data_dir,
+        model=registered_step_test_net,  # the loop's options are under test, not the network
         num_train_steps=3,
         loss="ce",
         ema_decay=0.99,
@@ -117,31 +122,8 @@ def test_cross_entropy_ema_bf16_rmsprop(digits_data_dir, tmp_path):
     assert np.isfinite(results["eval_loss"])
 
 
-class _StepTestNet(nn.Module):
-    """Two strided conv + BatchNorm layers, a dropout and a classifier, returning
-    ``(logits, {"features": ...})`` as the registered models do: the tests below check what
-    the train step does (EMA, label smoothing, the weight bound, the non-finite guards and
-    latch, the bias statistics, the logged learning rate), which no part of SkipNet changes.
-    With it a step takes under 1 CPU-s to initialise and compile, against ~20 for SkipNet-XS
-    at 32 px (2-core CPU); SkipNet-XS's own step is trained by the end-to-end tests above."""
-
-    num_classes: int
-    dropout_rate: float
-    dtype: jnp.dtype
-
-    @nn.compact
-    def __call__(self, images, train=False):
-        x = images
-        for features in (8, 16):
-            x = nn.Conv(features, (3, 3), strides=2, dtype=self.dtype)(x)
-            x = nn.BatchNorm(use_running_average=not train, dtype=self.dtype)(x)
-            x = nn.hard_swish(x)
-        pooled = nn.Dropout(self.dropout_rate, deterministic=not train)(x.mean(axis=(1, 2)))
-        return nn.Dense(self.num_classes, dtype=self.dtype)(pooled), {"features": x}
-
-
 def _step_test_model(config):
-    return _StepTestNet(num_classes=10, dropout_rate=config.dropout_rate, dtype=steps.compute_dtype(config))
+    return StepTestNet(num_classes=10, dropout_rate=config.dropout_rate, dtype=steps.compute_dtype(config))
 
 
 def _one_step(config, seed=0):
@@ -226,7 +208,9 @@ def test_a_step_that_would_explode_the_weights_is_rejected():
     assert bool(metrics["finite"]) and float(metrics["max_abs_weight"]) > 1e4
 
 
-def test_init_from_is_checked_before_the_workdir_exists_and_then_used(digits_data_dir, tmp_path):
+def test_init_from_is_checked_before_the_workdir_exists_and_then_used(
+    digits_data_dir, tmp_path, registered_step_test_net
+):
     from skipnet_jax import convert
     from skipnet_jax.config_validation import ConfigError
 
@@ -234,6 +218,7 @@ def test_init_from_is_checked_before_the_workdir_exists_and_then_used(digits_dat
     (tmp_path / "not_converted").mkdir()
     config = tiny_digits_config(
         digits_data_dir,
+        model=registered_step_test_net,
         num_train_steps=1,
         optimizer="sgd",
         learning_rate=1e-9,

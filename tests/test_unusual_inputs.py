@@ -66,10 +66,12 @@ def test_folder_ignores_directories_named_like_images_and_symlink_loops(odd_fold
     assert sorted(int(label) for label in split.labels) == [0, 0, 1, 1]
 
 
-def test_workdir_with_spaces_and_non_ascii_trains_resumes_and_evaluates(digits_data_dir, tmp_path):
+def test_workdir_with_spaces_and_non_ascii_trains_resumes_and_evaluates(
+    digits_data_dir, tmp_path, registered_step_test_net
+):
     workdir = str(tmp_path / "run with spaces ünïcødé 運行" / "sub dir")
-    # test_train's config: the suite's persistent compilation cache compiles its steps once for both.
-    config = tiny_digits_config(digits_data_dir, num_train_steps=8)
+    # The workdir's path is under test, not the network.
+    config = tiny_digits_config(digits_data_dir, model=registered_step_test_net, num_train_steps=8)
     results = train.train_and_evaluate(config, workdir)
     assert results["steps"] == 8 and sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["4", "8"]
     with open(os.path.join(workdir, "results.json"), encoding="utf-8") as f:
