@@ -24,9 +24,10 @@ STEP = 4
 
 
 @pytest.fixture
-def resumable(digits_data_dir, tmp_path):
-    """``(workdir, config)``: checkpoint 4 of an 8-step run with `config`, and its config.json."""
-    config = tiny_digits_config(digits_data_dir, num_train_steps=8)
+def resumable(digits_data_dir, tmp_path, registered_step_test_net):
+    """``(workdir, config)``: checkpoint 4 of an 8-step run with `config`, and its config.json.
+    Of the small test network: what resuming checks does not depend on the network."""
+    config = tiny_digits_config(digits_data_dir, model=registered_step_test_net, num_train_steps=8)
     engine = train.build_engine(config, 10, steps_per_epoch=45, num_train_steps=8)
     state = jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), engine.abstract_state()).replace(step=np.int32(STEP))
     workdir = str(tmp_path / "run")
