@@ -281,15 +281,16 @@ def test_read_only_restore_of_nothing_readable_fails_and_moves_nothing(workdir, 
     assert _listing(workdir) == ["1", "2", "3"]
 
 
-@pytest.fixture(scope="module")
-def untrained_run(digits_data_dir, tmp_path_factory):
-    """A workdir holding the initial state of the tiny digits model as checkpoints 2 and 4 (no training)."""
+@pytest.fixture
+def untrained_run(digits_data_dir, tmp_path_factory, registered_step_test_net):
+    """A workdir holding the initial state of the small test network (what the checkpoint
+    handling checks does not depend on the network) as checkpoints 2 and 4 (no training)."""
     import jax
 
     from skipnet_jax import optim, train
     from skipnet_jax.data import pipeline
 
-    config = tiny_digits_config(digits_data_dir)
+    config = tiny_digits_config(digits_data_dir, model=registered_step_test_net)
     info = pipeline.get_dataset_info(config)
     steps_per_epoch, num_train_steps = optim.steps_for(config, info.num_train_examples)
     tx = optim.create_optimizer(config, optim.create_learning_rate_fn(config, steps_per_epoch, num_train_steps))
