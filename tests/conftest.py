@@ -1,4 +1,5 @@
-"""Shared fixtures: a TFDS data_dir with the bundled digits prepared once per test session."""
+"""Shared fixtures: a TFDS data_dir with the bundled digits prepared once per test session, and
+the small test network (tests/step_test_net.py) registered as a model for one test."""
 
 import os
 import shutil
