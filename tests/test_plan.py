@@ -101,7 +101,7 @@ def test_plan_command_compiles_a_v5e_slice_and_its_step_communicates_only_reduct
     # Data parallelism with replicated weights needs reductions only: the gradients, every
     # BatchNorm's statistics over the global batch (forward mean and variance, backward
     # sums) and the loss's min/max and metrics.  No all-gather: a per-example array
-    # requested replicated made some (`PER_CHIP_BATCH`).
+    # requested replicated made one at this batch (`PER_CHIP_BATCH`).
     collectives = train["collectives"]
     assert set(collectives) <= {"all-reduce"}, collectives
     batch_norms = len(jax.tree.leaves(cli_engine.abstract_state().batch_stats)) // 2  # mean and var of each layer

@@ -85,8 +85,8 @@ def test_train_evaluate_resume_exactly_and_a_finished_run_keeps_its_results(
 
 def test_skipped_steps_accumulate_across_resumes(digits_data_dir, tmp_path, registered_step_test_net):
     config = tiny_digits_config(
-        digits_data_dir, model=registered_step_test_net, num_train_steps=4, checkpoint_every_steps=2, skip_nonfinite_steps=True,
-        optimizer="sgd", learning_rate=1e30, loss="ce", schedule="constant",
+        digits_data_dir, model=registered_step_test_net, num_train_steps=4, checkpoint_every_steps=2,
+        skip_nonfinite_steps=True, optimizer="sgd", learning_rate=1e30, loss="ce", schedule="constant",
     )  # fmt: skip
     first = train.train_and_evaluate(config, str(tmp_path))
     assert first["skipped_nonfinite_steps"], "the huge learning rate should make some step non-finite"
